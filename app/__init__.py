@@ -1,0 +1,1 @@
+"""HTTP + persistence: FastAPI routes, SQLAlchemy tables, services, storage, serving."""

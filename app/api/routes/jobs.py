@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from ...schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic, JobStatus
+from ...services import jobs as service
+from ...services.common import unix
+from ...tables import Job, JobEvent
+from ..deps import CurrentTenant, SessionDep
+
+router = APIRouter(prefix="/distillation/jobs", tags=["distillation jobs"])
+
+
+def public(job: Job) -> JobPublic:
+    return JobPublic(id=job.id, status=job.status, created_at=unix(job.created_at), started_at=unix(job.started_at),
+                     finished_at=unix(job.finished_at), spec=job.spec, progress=job.progress or {},
+                     metrics=job.metrics or {}, error=job.error, result_model_id=job.result_model_id,
+                     device=job.device, cancel_requested=job.cancel_requested)
+
+
+def public_event(event: JobEvent) -> JobEventPublic:
+    return JobEventPublic(id=event.id, created_at=unix(event.created_at), type=event.type, message=event.message,
+                          data=event.data)
+
+
+@router.post("", status_code=201, response_model=JobPublic)
+def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate) -> JobPublic:
+    """Submit a job; it is checked against its files now and queued for a worker."""
+    return public(service.create_job(session, tenant, body))
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | None = None, after: str | None = None,
+              limit: Annotated[int, Query()] = 20) -> JobsPublic:
+    rows, has_more = service.list_jobs(session, tenant, status, after, limit)
+    data = [public(j) for j in rows]
+    return JobsPublic(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                      last_id=data[-1].id if data else None)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    return public(service.get_job(session, tenant, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops cooperatively within seconds."""
+    return public(service.cancel_job(session, tenant, job_id))
+
+
+@router.get("/{job_id}/events", response_model=JobEventsPublic)
+def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str, after: int | None = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobEventsPublic:
+    """Events oldest first; pass the last seen ``id`` as ``after`` to read only newer ones."""
+    rows, has_more = service.list_events(session, tenant, job_id, after, limit)
+    return JobEventsPublic(data=[public_event(e) for e in rows], has_more=has_more)

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import FileResponse
+
+from ...schemas import ModelPublic, ModelsPublic, PredictRequest, PredictResponse
+from ...services import models as service
+from ...services.common import unix
+from ...tables import ModelRecord
+from ..deps import CurrentTenant, SessionDep
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def public(record: ModelRecord) -> ModelPublic:
+    return ModelPublic(id=record.id, created_at=unix(record.created_at), job_id=record.job_id, task=record.task,
+                       architecture=record.architecture, parameters=record.parameters, size_bytes=record.size_bytes,
+                       sha256=record.sha256, evaluation=record.evaluation)
+
+
+@router.get("", response_model=ModelsPublic)
+def list_models(session: SessionDep, tenant: CurrentTenant, after: str | None = None,
+                limit: Annotated[int, Query()] = 20) -> ModelsPublic:
+    rows, has_more = service.list_models(session, tenant, after, limit)
+    data = [public(r) for r in rows]
+    return ModelsPublic(data=data, has_more=has_more, first_id=data[0].id if data else None,
+                        last_id=data[-1].id if data else None)
+
+
+@router.get("/{model_id}", response_model=ModelPublic)
+def get_model(session: SessionDep, tenant: CurrentTenant, model_id: str) -> ModelPublic:
+    return public(service.get_model(session, tenant, model_id))
+
+
+@router.get("/{model_id}/download", response_class=FileResponse)
+def download_model(session: SessionDep, tenant: CurrentTenant, model_id: str) -> FileResponse:
+    """The student as a model file (safetensors + distill_architecture), the same format a teacher is uploaded in."""
+    record = service.get_model(session, tenant, model_id)
+    return FileResponse(service.model_file(record), media_type="application/octet-stream",
+                        filename=f"{record.id}.safetensors", headers={"X-Content-SHA256": record.sha256})
+
+
+@router.post("/{model_id}/predict", response_model=PredictResponse)
+def predict(session: SessionDep, tenant: CurrentTenant, model_id: str, body: PredictRequest) -> PredictResponse:
+    record = service.get_model(session, tenant, model_id)
+    return PredictResponse(model=record.id, predictions=service.predict(record, body.inputs))

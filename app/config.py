@@ -1,0 +1,52 @@
+"""Settings from ``DISTILL_*`` environment variables, with embedded defaults that run
+on one machine with nothing installed: SQLite, a local artifacts folder and Celery's
+filesystem broker under ``./var``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DISTILL_", extra="ignore")
+
+    database_url: str = "sqlite:///./var/distill.db"
+    """SQLAlchemy URL; e.g. postgresql+psycopg2://user@host/db."""
+    broker_url: str = "filesystem://"
+    """Celery broker; the embedded default is a durable on-disk queue under var/broker."""
+    artifacts_dir: Path = Path("./var/artifacts")
+    """Where uploads, checkpoints and students are stored (shared by API and workers)."""
+    queue: str = "distill"
+    """Celery queue the API publishes to and workers consume."""
+    device: str = "auto"
+    """Worker device: auto (CUDA when present, else CPU), cpu or cuda:N."""
+    inference_device: str = "cpu"
+    """Device the API process serves /predict on."""
+    max_upload_bytes: int = 512 * MiB
+    """Largest accepted upload; larger bodies get 413."""
+    max_dataset_rows: int = 5_000_000
+    max_student_parameters: int = 200_000_000
+    max_job_seconds: int = 6 * 3600
+    """A running job past this is stopped and failed with code time_limit."""
+    max_job_attempts: int = 3
+    """A job whose worker died this many times is failed instead of retried again."""
+    checkpoint_interval_s: float = 60.0
+    model_cache_size: int = 8
+    """Finished models kept loaded in memory for /predict."""
+    max_predict_inputs: int = 10_000
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.artifacts_dir.parent / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

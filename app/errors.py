@@ -1,0 +1,104 @@
+"""API errors as RFC 9457 problem details (``application/problem+json``).
+
+    ApiError            status, code, detail, param
+    ├── BadRequest      400
+    ├── NotFound        404  unknown id (or another tenant's)
+    ├── Conflict        409  the resource's state forbids it
+    ├── PayloadTooLarge 413
+    ├── Unprocessable   422  the body parsed but a field is wrong (param names it)
+    └── Unavailable     503  a dependency (the broker) is down
+
+Request-validation errors from pydantic become 422 with every failing field listed
+in ``errors`` and the first one in ``param``. Anything else is a 500, which is a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = ["ApiError", "BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unprocessable", "Unavailable",
+           "install_error_handlers", "problem_response"]
+
+log = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, detail: str, param: str | None = None, code: str | None = None, **extra):
+        super().__init__(detail)
+        self.detail = detail
+        self.param = param
+        self.code = code or self.code
+        self.extra = extra
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class Unprocessable(ApiError):
+    status, code = 422, "invalid_request"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+def problem_response(status: int, code: str, detail: str, instance: str, param: str | None = None,
+                     **extra) -> JSONResponse:
+    body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
+            "instance": instance, "code": code, "param": param, **extra}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _location(loc: tuple) -> str:
+    """('body', 'hyperparameters', 'epochs') -> 'hyperparameters.epochs'; list indexes as [i]."""
+    parts = [p for p in loc if p not in ("body", "query", "path", "form", "header")]
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or str(loc[0] if loc else "body")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return problem_response(exc.status, exc.code, exc.detail, request.url.path, exc.param, **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = [{"param": _location(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        first = errors[0] if errors else {"param": None, "message": "invalid request"}
+        detail = "; ".join(f"{e['param']}: {e['message']}" for e in errors[:5])
+        return problem_response(422, "invalid_request", detail, request.url.path, first["param"], errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        return problem_response(exc.status_code, code, str(exc.detail), request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return problem_response(500, "internal_error", "internal server error (this is a bug)", request.url.path)

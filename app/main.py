@@ -1,0 +1,84 @@
+"""The API: ``uvicorn app.main:app``. OpenAPI docs at /docs."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from sqlalchemy import text
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .api.routes import files, jobs, models
+from .config import get_settings
+from .db import get_engine
+from .errors import install_error_handlers, problem_response
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class LimitBodySize:
+    """Refuse request bodies over the upload limit with 413 before they are spooled to disk:
+    by Content-Length when it is given, by counting the bytes when it is not."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.max_bytes + 64 * 1024  # room for the multipart envelope around the file
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, send)
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await self._refuse(scope, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        response = problem_response(413, "payload_too_large",
+                                    f"the request body is larger than the {self.max_bytes}-byte upload limit",
+                                    scope["path"], "file")
+        await response(scope, None, send)
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    app = FastAPI(title="Distillation service", version="0.1.0",
+                  description="Turn a trained teacher model into a small, fast student.")
+    install_error_handlers(app)
+    for module in (files, jobs, models):
+        app.include_router(module.router, prefix="/v1")
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict:
+        with get_engine().connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return {"status": "ok"}
+
+    app.add_middleware(LimitBodySize, max_bytes=settings.max_upload_bytes)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,67 @@
+"""The broker only carries "job X is ready to run"; the database holds everything else.
+
+One Celery configuration serves both sides: the API publishes with it and the worker
+(``worker.celery_app``) consumes with it.
+
+Embedded default: Celery's *filesystem* transport (kombu), a real transport whose
+messages are files under ``var/broker``: nothing to install, durable across restarts
+of the API and worker, and safe across processes on one machine (it locks each
+message file). It is the honest single-machine stand-in for Redis; for workers on
+several machines point ``DISTILL_BROKER_URL`` at Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from .config import Settings, get_settings
+
+__all__ = ["celery_config", "make_celery", "enqueue_job", "RUN_JOB_TASK"]
+
+RUN_JOB_TASK = "distill.run_job"
+
+
+def celery_config(settings: Settings) -> dict:
+    config = {
+        "broker_url": settings.broker_url,
+        "task_default_queue": settings.queue,
+        "task_ignore_result": True,  # results live in the database, not a result backend
+        "task_acks_late": True,  # ack after the job ran: a lost worker's job is redelivered...
+        "task_reject_on_worker_lost": True,  # ...and its attempts are counted in the database
+        "worker_prefetch_multiplier": 1,  # a long job must not hold a second one hostage
+        "worker_hijack_root_logger": False,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+    }
+    if settings.broker_url.startswith("filesystem://"):
+        folder = settings.broker_dir
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    else:
+        # Redis: redeliver an unacked message only after the longest job could have run.
+        config["broker_transport_options"] = {"visibility_timeout": settings.max_job_seconds + 600}
+    return config
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    celery = Celery("distill")
+    celery.conf.update(celery_config(settings or get_settings()))
+    return celery
+
+
+@lru_cache
+def _publisher() -> Celery:
+    return make_celery()
+
+
+def enqueue_job(job_id: str) -> None:
+    _publisher().send_task(RUN_JOB_TASK, args=[job_id], queue=get_settings().queue)

@@ -1,0 +1,176 @@
+"""Distillation jobs: submission (checked against the referenced files), cancellation,
+events, and the state transitions a worker makes. Every transition that can race
+(cancel vs. claim) is a conditional UPDATE, so the database stays the one truth."""
+
+from __future__ import annotations
+
+import logging
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from distill.models import MLPArchitecture
+
+from ..config import get_settings
+from ..errors import Conflict, NotFound, Unavailable, Unprocessable
+from ..queue import enqueue_job
+from ..schemas import JobCreate
+from ..tables import FileRecord, Job, JobEvent, ModelRecord, new_id, utcnow
+from .common import paginate
+
+log = logging.getLogger(__name__)
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def _dataset(session: Session, tenant: str, file_id: str, param: str) -> FileRecord:
+    record = session.get(FileRecord, file_id)
+    if record is None or record.tenant_id != tenant:
+        raise Unprocessable(f"no file with id {file_id!r}", param=param)
+    if record.purpose != "dataset":
+        raise Unprocessable(f"file {file_id!r} has purpose {record.purpose!r}, not 'dataset'", param=param)
+    return record
+
+
+def teacher_architecture(session: Session, tenant: str, body: JobCreate) -> MLPArchitecture:
+    ref = body.teacher
+    if ref.file_id is not None:
+        record = session.get(FileRecord, ref.file_id)
+        if record is None or record.tenant_id != tenant:
+            raise Unprocessable(f"no file with id {ref.file_id!r}", param="teacher.file_id")
+        if record.purpose != "model":
+            raise Unprocessable(f"file {ref.file_id!r} has purpose {record.purpose!r}, not 'model'",
+                                param="teacher.file_id")
+        return MLPArchitecture.from_dict(record.details["architecture"])
+    model = session.get(ModelRecord, ref.model_id)
+    if model is None or model.tenant_id != tenant:
+        raise Unprocessable(f"no model with id {ref.model_id!r}", param="teacher.model_id")
+    return MLPArchitecture.from_dict(model.architecture)
+
+
+def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
+    """The checks the file metadata allows at submit time; the worker checks the data itself."""
+    teacher = teacher_architecture(session, tenant, body)
+    files = [("training_file", body.training_file)]
+    if body.validation_file is not None:
+        files.append(("validation_file", body.validation_file))
+    for param, file_id in files:
+        details = _dataset(session, tenant, file_id, param).details
+        if details["num_features"] != teacher.input_dim:
+            raise Unprocessable(f"{param} has {details['num_features']} features per row but the teacher takes "
+                                f"{teacher.input_dim}", param=param, code="mismatch")
+    student = MLPArchitecture(input_dim=teacher.input_dim, num_classes=teacher.num_classes,
+                              hidden_dims=body.student.architecture.hidden_dims)
+    limit = get_settings().max_student_parameters
+    if student.num_parameters > limit:
+        raise Unprocessable(f"the student would have {student.num_parameters} parameters; the limit is {limit}",
+                            param="student.architecture.hidden_dims")
+
+
+def add_event(session: Session, job_id: str, type: str, message: str = "", data: dict | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, type=type, message=message, data=data or {}))
+
+
+def create_job(session: Session, tenant: str, body: JobCreate) -> Job:
+    check_submission(session, tenant, body)
+    job = Job(id=new_id("job"), tenant_id=tenant, status="queued", spec=body.model_dump(mode="json"),
+              progress={"epoch": 0, "step": 0, "total_steps": 0}, metrics={})
+    session.add(job)
+    add_event(session, job.id, "stage", "job queued", {"stage": "queued"})
+    session.commit()  # the worker must see the row before it sees the message
+    try:
+        enqueue_job(job.id)
+    except Exception as exc:  # broker down: say so now rather than leave a job nobody will run
+        log.exception("could not enqueue %s", job.id)
+        finish_job(session, job.id, "failed", error={"code": "queue_unavailable", "message": str(exc), "param": None})
+        session.commit()
+        raise Unavailable(f"the job queue is unavailable ({exc}); job {job.id} was marked failed") from None
+    return job
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant:
+        raise NotFound(f"no distillation job with id {job_id!r}", param="job_id")
+    return job
+
+
+def list_jobs(session: Session, tenant: str, status: str | None, after: str | None, limit: int):
+    query = select(Job).where(Job.tenant_id == tenant)
+    if status is not None:
+        query = query.where(Job.status == status)
+    return paginate(session, Job, query, after, limit)
+
+
+def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = get_job(session, tenant, job_id)
+    if job.status in FINISHED:
+        raise Conflict(f"job {job_id!r} has already finished ({job.status})", param="job_id")
+    # A queued job is cancelled outright; a running one is asked to stop and its worker confirms.
+    if _transition(session, job_id, "queued", "cancelled", finished_at=utcnow()):
+        add_event(session, job_id, "stage", "job cancelled before it started", {"stage": "cancelled"})
+    else:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+        add_event(session, job_id, "stage", "cancellation requested", {"stage": "cancel_requested"})
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def list_events(session: Session, tenant: str, job_id: str, after: int | None, limit: int):
+    get_job(session, tenant, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    rows = session.scalars(query.order_by(JobEvent.id).limit(limit + 1)).all()
+    return list(rows[:limit]), len(rows) > limit
+
+
+# ---- transitions made by the worker -----------------------------------------------------------------------
+
+def _transition(session: Session, job_id: str, from_status: str, to_status: str, **values) -> bool:
+    result = session.execute(update(Job).where(Job.id == job_id, Job.status == from_status)
+                             .values(status=to_status, **values))
+    return result.rowcount == 1
+
+
+def claim_job(session: Session, job_id: str, worker: str, device: str) -> Job | None:
+    """queued → running (or a redelivered running job whose worker died); None if there is nothing to run."""
+    job = session.get(Job, job_id)
+    if job is None or job.status in FINISHED:
+        return None
+    now = utcnow()
+    values = dict(worker=worker, device=device, heartbeat_at=now, attempts=job.attempts + 1)
+    if job.status == "queued":
+        claimed = _transition(session, job_id, "queued", "running", started_at=now, **values)
+    else:  # running: the message came back because the worker holding it was lost
+        claimed = _transition(session, job_id, "running", "running", **values)
+    session.commit()
+    if not claimed:
+        return None
+    session.refresh(job)
+    return job
+
+
+def heartbeat(session: Session, job_id: str, progress: dict | None) -> bool:
+    """Record liveness (and progress); returns whether the job was asked to stop."""
+    values: dict = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def finish_job(session: Session, job_id: str, status: str, error: dict | None = None, metrics: dict | None = None,
+               result_model_id: str | None = None) -> None:
+    values: dict = {"status": status, "finished_at": utcnow(), "error": error}
+    if metrics is not None:
+        values["metrics"] = metrics
+    if result_model_id is not None:
+        values["result_model_id"] = result_model_id
+    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(**values))
+    message = f"job {status}" + (f": {error['message']}" if error else "")
+    add_event(session, job_id, "stage", message, {"stage": status, **({"error": error} if error else {})})
+
+
+def set_metrics(session: Session, job_id: str, metrics: dict, progress: dict | None) -> None:
+    values = {"metrics": metrics, **({"progress": progress} if progress is not None else {})}
+    session.execute(update(Job).where(Job.id == job_id).values(**values))

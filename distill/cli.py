@@ -1,0 +1,51 @@
+"""``distill run SPEC.json --out DIR``: run a job spec locally, with no service around it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import DistillError
+from .spec import JobSpec
+from .train import run_distillation
+
+
+def _print_event(kind: str, data: dict) -> None:
+    if kind == "stage":
+        print(f"[stage] {data['stage']}", flush=True)
+    elif kind == "epoch":
+        accuracy = data.get("validation_accuracy")
+        print(f"[epoch {data['epoch']}] train_loss={data['train_loss']:.4f} "
+              f"val_agreement={data['validation_agreement']:.4f}"
+              + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else ""), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distill", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a distillation job spec (JSON) locally")
+    run.add_argument("spec", type=Path, help="job spec JSON; file paths are relative to it")
+    run.add_argument("--out", type=Path, required=True, help="output folder (checkpoints/, final/)")
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda:N")
+    run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run.add_argument("--quiet", action="store_true", help="print only the final evaluation")
+    args = parser.parse_args(argv)
+
+    try:
+        spec = JobSpec.from_dict(json.loads(args.spec.read_text()), base_dir=args.spec.parent)
+        result = run_distillation(spec, args.out, on_event=None if args.quiet else _print_event,
+                                  device=args.device, resume=args.resume)
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: cannot read {args.spec}: {exc}", file=sys.stderr)
+        return 2
+    except DistillError as exc:
+        print(f"error [{exc.code}]{f' ({exc.param})' if exc.param else ''}: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps({"model": str(result.model_path), "evaluation": result.evaluation}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

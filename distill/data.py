@@ -1,0 +1,183 @@
+"""Tabular datasets: CSV or JSONL files in, float32 feature tensors out.
+
+- CSV: a header row; every column numeric; an optional integer column ``label``.
+- JSONL: one object a line, ``{"features": [...], "label": k}`` (label optional).
+
+Labels are all-or-nothing within a file. Errors name the 1-based line (the CSV
+header is line 1) and, where there is one, the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DataError
+
+__all__ = ["TabularDataset", "load_dataset", "split_dataset", "LABEL_COLUMN"]
+
+LABEL_COLUMN = "label"
+MAX_FEATURES = 1 << 16
+
+
+@dataclass
+class TabularDataset:
+    features: torch.Tensor  # (N, D) float32
+    labels: torch.Tensor | None  # (N,) int64, or None for an unlabeled transfer set
+    format: str  # "csv" | "jsonl"
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_features(self) -> int:
+        return self.features.shape[1]
+
+    def summary(self) -> dict:
+        summary = {"format": self.format, "rows": len(self), "num_features": self.num_features,
+                   "has_labels": self.labels is not None}
+        if self.labels is not None:
+            summary["max_label"] = int(self.labels.max())
+        return summary
+
+
+def _number(cell: str, line: int, column: str) -> float:
+    try:
+        value = float(cell)
+    except ValueError:
+        raise DataError(f"line {line}, column '{column}': {cell!r} is not a number", line=line) from None
+    if not math.isfinite(value):
+        raise DataError(f"line {line}, column '{column}': {cell!r} is not a finite number", line=line)
+    return value
+
+
+def _label(value: object, line: int) -> int:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise DataError(f"line {line}: label {value!r} is not an integer", line=line) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise DataError(f"line {line}: label {value!r} must be a non-negative integer", line=line)
+    return int(value)
+
+
+def _read_csv(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header or not any(h.strip() for h in header):
+        raise DataError("the CSV file is empty; it needs a header row", line=1)
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        duplicate = next(h for h in header if header.count(h) > 1)
+        raise DataError(f"line 1: column '{duplicate}' appears twice", line=1)
+    label_index = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else None
+    feature_columns = [(i, h) for i, h in enumerate(header) if i != label_index]
+    if not feature_columns:
+        raise DataError("line 1: the header has no feature columns", line=1)
+    rows: list[list[float]] = []
+    labels: list[int] | None = [] if label_index is not None else None
+    for line_index, row in enumerate(reader, start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue  # blank lines carry nothing
+        if len(row) != len(header):
+            raise DataError(f"line {line_index}: {len(row)} values, the header has {len(header)} columns", line=line_index)
+        rows.append([_number(row[i], line_index, name) for i, name in feature_columns])
+        if labels is not None:
+            labels.append(_label(row[label_index].strip(), line_index))
+        if max_rows is not None and len(rows) > max_rows:
+            raise DataError(f"the file has more than {max_rows} rows", line=line_index)
+    return rows, labels
+
+
+def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
+    rows: list[list[float]] = []
+    labels: list[int] = []
+    labeled: bool | None = None
+    for line_index, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"line {line_index}: not valid JSON ({exc.msg})", line=line_index) from None
+        if not isinstance(record, dict) or "features" not in record:
+            raise DataError(f"line {line_index}: expected an object with a 'features' list", line=line_index)
+        features = record["features"]
+        if not isinstance(features, list) or not features:
+            raise DataError(f"line {line_index}: 'features' must be a non-empty list of numbers", line=line_index)
+        if rows and len(features) != len(rows[0]):
+            raise DataError(
+                f"line {line_index}: {len(features)} features, earlier lines have {len(rows[0])}", line=line_index
+            )
+        row = []
+        for j, value in enumerate(features):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise DataError(f"line {line_index}: features[{j}] = {value!r} is not a finite number", line=line_index)
+            row.append(float(value))
+        has_label = "label" in record and record["label"] is not None
+        if labeled is None:
+            labeled = has_label
+        elif labeled != has_label:
+            raise DataError(
+                f"line {line_index}: {'has' if has_label else 'lacks'} a label, unlike earlier lines; "
+                "label every line or none",
+                line=line_index,
+            )
+        if has_label:
+            labels.append(_label(record["label"], line_index))
+        rows.append(row)
+        if max_rows is not None and len(rows) > max_rows:
+            raise DataError(f"the file has more than {max_rows} rows", line=line_index)
+    return rows, (labels if labeled else None)
+
+
+def detect_format(path: Path, text: str) -> str:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv", ".txt"):
+        return "csv"
+    return "jsonl" if text.lstrip().startswith("{") else "csv"
+
+
+def load_dataset(path: str | Path, max_rows: int | None = None, format: str | None = None) -> TabularDataset:
+    """Parse and check a dataset file. Raises DataError naming the line at fault."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"cannot read the dataset file: {exc.strerror}") from None
+    format = format or detect_format(path, text)
+    rows, labels = (_read_jsonl if format == "jsonl" else _read_csv)(text, max_rows)
+    if not rows:
+        raise DataError("the file has no data rows")
+    if len(rows[0]) > MAX_FEATURES:
+        raise DataError(f"at most {MAX_FEATURES} features per row")
+    features = torch.tensor(rows, dtype=torch.float32)
+    label_tensor = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
+    return TabularDataset(features=features, labels=label_tensor, format=format)
+
+
+def split_dataset(dataset: TabularDataset, validation_fraction: float, seed: int) -> tuple[TabularDataset, TabularDataset]:
+    """Shuffle with ``seed`` and hold out ``validation_fraction`` of the rows (at least one each side)."""
+    n = len(dataset)
+    if n < 2:
+        raise DataError("a validation split needs at least 2 rows; upload a validation_file instead")
+    n_val = min(n - 1, max(1, round(n * validation_fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+
+    def take(idx: torch.Tensor) -> TabularDataset:
+        labels = dataset.labels[idx] if dataset.labels is not None else None
+        return TabularDataset(dataset.features[idx], labels, dataset.format)
+
+    return take(train_idx), take(val_idx)

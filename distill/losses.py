@@ -1,0 +1,61 @@
+"""Distillation losses: plain functions on logits, and a registry of them.
+
+Shapes: ``student_logits`` and ``teacher_logits`` are (N, C) — one row per sample
+(later: per token position), C classes. ``labels`` is (N,) int64 or None.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["forward_kl", "distillation_loss", "SOFT_TARGET_LOSSES"]
+
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher ‖ student) on temperature-softened distributions, scaled by T².
+
+    Equal to ``KLDivLoss(reduction="batchmean")(log_softmax(s/T), softmax(t/T)) * T**2``:
+    summed over classes, averaged over rows. The T² keeps gradient magnitudes
+    comparable across temperatures (Hinton et al., 2015).
+
+    Args:
+        student_logits: (N, C)
+        teacher_logits: (N, C), no gradient needed
+        temperature: T > 0
+    Returns:
+        scalar tensor; 0 for an empty batch (not NaN).
+    """
+    if student_logits.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_probs = F.softmax(teacher_logits / temperature, dim=-1)
+    return F.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * temperature**2
+
+
+# name -> fn(student_logits, teacher_logits, temperature) -> scalar
+SOFT_TARGET_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "forward_kl": forward_kl,
+}
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    alpha: float,
+    soft_loss: str = "forward_kl",
+) -> torch.Tensor:
+    """The job loss: ``alpha * soft + (1 - alpha) * cross_entropy(student, labels)``.
+
+    Without labels (an unlabeled transfer set, which the teacher labels) it is the
+    pure soft-target loss, whatever alpha says.
+    """
+    soft = SOFT_TARGET_LOSSES[soft_loss](student_logits, teacher_logits, temperature)
+    if labels is None or alpha >= 1.0:
+        return soft
+    hard = F.cross_entropy(student_logits, labels)
+    return alpha * soft + (1.0 - alpha) * hard
