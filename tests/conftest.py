@@ -1,0 +1,144 @@
+"""The real stack for the service tests: a fresh PostgreSQL database, a Redis broker
+(on a queue of this run's own), migrations by ``alembic upgrade head``, the API under
+uvicorn and two Celery worker processes. Nothing here is mocked."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psycopg2
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_HOST = os.environ.get("DISTILL_TEST_PG_HOST", "127.0.0.1")
+PG_USER = os.environ.get("DISTILL_TEST_PG_USER", "postgres")
+REDIS_URL = os.environ.get("DISTILL_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+UPLOAD_LIMIT = 2 * 1024 * 1024  # small, so the 413 path is cheap to test
+
+
+def _admin(statement: str) -> None:
+    """Run one statement outside a transaction (CREATE/DROP DATABASE need that)."""
+    connection = psycopg2.connect(host=PG_HOST, user=PG_USER, dbname="postgres")
+    connection.autocommit = True
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(statement)
+    finally:
+        connection.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def service_env(tmp_path_factory) -> dict:
+    redis.Redis.from_url(REDIS_URL).ping()  # fail loudly if the real broker is not there
+    database = f"distill_test_{uuid.uuid4().hex[:10]}"
+    _admin(f'CREATE DATABASE "{database}"')
+    root = tmp_path_factory.mktemp("service")
+    env = {
+        **os.environ,
+        "DISTILL_DATABASE_URL": f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:5432/{database}",
+        "DISTILL_BROKER_URL": REDIS_URL,
+        "DISTILL_QUEUE": f"distill-test-{uuid.uuid4().hex[:8]}",
+        "DISTILL_ARTIFACTS_DIR": str(root / "artifacts"),
+        "DISTILL_DEVICE": "cpu",
+        "DISTILL_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+        "DISTILL_CHECKPOINT_INTERVAL_S": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+    env["_LOGS"] = str(root)
+    yield env
+    _admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+def _start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    handle = open(log, "wb")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def api_url(service_env) -> str:
+    port = _free_port()
+    process = _start([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+                     service_env, Path(service_env["_LOGS"]) / "api.log")
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError("the API process exited: " + (Path(service_env["_LOGS"]) / "api.log").read_text())
+        try:
+            return httpx.get(url + "/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait_for(healthy, 60, "the API")
+    yield url
+    _stop(process)
+
+
+@pytest.fixture(scope="session")
+def workers(service_env) -> list[subprocess.Popen]:
+    """Two real worker processes, so a long job under test doesn't hold up the others."""
+    processes, logs = [], []
+    for n in range(2):
+        log = Path(service_env["_LOGS"]) / f"worker{n}.log"
+        logs.append(log)
+        processes.append(_start([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+                                 "--loglevel=INFO", "-n", f"test{n}-{uuid.uuid4().hex[:6]}@%h",
+                                 "-Q", service_env["DISTILL_QUEUE"]], service_env, log))
+
+    def ready() -> bool:
+        for process, log in zip(processes, logs):
+            if process.poll() is not None:
+                raise RuntimeError("a worker exited: " + log.read_text())
+        return all(log.exists() and b"ready." in log.read_bytes() for log in logs)
+
+    _wait_for(ready, 90, "the workers")
+    yield processes
+    for process in processes:
+        _stop(process)
+
+
+@pytest.fixture
+def client(api_url) -> httpx.Client:
+    with httpx.Client(base_url=api_url + "/v1", timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def problem(tmp_path_factory):
+    from tests.factories import make_problem
+
+    return make_problem(tmp_path_factory.mktemp("problem"))
