@@ -51,7 +51,7 @@ SEED = 0
 LEARNING_RATE = 1e-3
 TEMPERATURE = 4.0
 CLUSTERS_PER_CLASS = 3
-CLUSTER_SPREAD = 0.45  # std of cluster centres per feature; noise std is 1, so classes overlap a little
+CENTRE_STD = 0.55  # per-feature std of the cluster centres; the noise has std 1, so neighbouring blobs overlap
 
 
 # --------------------------------------------------------------------------- data
@@ -65,7 +65,7 @@ def make_problem(rows: int, features: int, classes: int, seed: int) -> tuple[tor
     model and the student has something to learn from the teacher's soft targets.
     """
     g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes * CLUSTERS_PER_CLASS, features, generator=g) * CLUSTER_SPREAD * features**0.5 / 4
+    centres = torch.randn(classes * CLUSTERS_PER_CLASS, features, generator=g) * CENTRE_STD
     cluster = torch.randint(0, len(centres), (rows,), generator=g)
     x = centres[cluster] + torch.randn(rows, features, generator=g)
     return x.float(), cluster // CLUSTERS_PER_CLASS

@@ -16,5 +16,7 @@ def current_tenant() -> str:
     return DEFAULT_TENANT
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client that gets a 201 can
+# use the new id at once (the default "request" scope commits after the response).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 CurrentTenant = Annotated[str, Depends(current_tenant)]
