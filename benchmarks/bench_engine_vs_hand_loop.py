@@ -226,11 +226,10 @@ def run_hand_randperm(setup: Setup, repeat: int) -> Outcome:
     return Outcome(seconds, *score(setup, student))
 
 
-VARIANTS = {
-    "(a) engine: teacher once": run_engine,
-    "(b) hand: DataLoader, teacher/batch": run_hand_dataloader,
-    "(c) hand: randperm, teacher/batch": run_hand_randperm,
-}
+ENGINE = "(a) engine: teacher once"
+HAND_DL = "(b) hand: DataLoader, teacher/batch"
+HAND_PERM = "(c) hand: randperm, teacher/batch"
+VARIANTS = {ENGINE: run_engine, HAND_DL: run_hand_dataloader, HAND_PERM: run_hand_randperm}
 
 
 # --------------------------------------------------------------------------- driver
@@ -260,42 +259,49 @@ def build_setup(args: argparse.Namespace, tmp: Path, device: torch.device) -> tu
 
 
 def print_table(args: argparse.Namespace, results: dict[str, list[Outcome]]) -> None:
-    engine_s = statistics.median(o.seconds for o in results["(a) engine: teacher once"])
+    median_s = {name: statistics.median(o.seconds for o in outcomes) for name, outcomes in results.items()}
+    engine_s = median_s[ENGINE]
     samples = args.rows * args.epochs  # student training samples per run
     name_w = max(len(name) for name in results)
     header = (f"{'variant':<{name_w}}  {'median s':>9}  {'samples/s':>10}  {'hand/engine':>11}  "
-              f"{'teacher fwd':>11}  {'val agree':>9}  {'val acc':>7}")
+              f"{'range s':>11}  {'teacher fwd':>11}  {'val agree':>9}  {'val acc':>7}")
     print(header)
     print("-" * len(header))
     for name, outcomes in results.items():
-        seconds = statistics.median(o.seconds for o in outcomes)
-        is_engine = name.startswith("(a)")
+        seconds = median_s[name]
+        is_engine = name == ENGINE
         ratio = "1.00x" if is_engine else f"{seconds / engine_s:.2f}x"
         # teacher forwards (rows): the engine labels transfer + validation set once; the hand
         # loops label every training row every epoch (their final scoring reuses cached val logits)
         teacher_rows = args.rows + args.val_rows if is_engine else args.rows * args.epochs
+        spread = f"{min(o.seconds for o in outcomes):.2f}-{max(o.seconds for o in outcomes):.2f}"
         agreement = statistics.median(o.agreement for o in outcomes)
         accuracy = statistics.median(o.accuracy for o in outcomes)
         print(f"{name:<{name_w}}  {seconds:>9.2f}  {samples / seconds:>10,.0f}  {ratio:>11}  "
-              f"{teacher_rows:>11,}  {agreement:>9.2%}  {accuracy:>7.2%}")
+              f"{spread:>11}  {teacher_rows:>11,}  {agreement:>9.2%}  {accuracy:>7.2%}")
     print("-" * len(header))
 
-    stage_names = list(results["(a) engine: teacher once"][0].stages)
-    stage_medians = {s: statistics.median(o.stages.get(s, 0.0) for o in results["(a) engine: teacher once"])
-                     for s in stage_names}
-    print(f"median of {args.repeats} interleaved runs each; samples/s = rows x epochs / median s "
-          f"({args.rows:,} x {args.epochs}); hand/engine > 1 means the engine is faster;")
-    print("val agree = student argmax == teacher argmax, val acc = student argmax == label "
-          f"({args.val_rows:,} validation rows).")
-    print("Conservative for the engine: its time is the whole run_distillation call - parsing both CSVs and the "
-          "teacher file,")
-    print("teacher inference, per-epoch validation, the final evaluation (incl. latency measurement of teacher and "
-          "student)")
-    print("and the export (safetensors + state.json; runs shorter than checkpoint_interval_s=60 s write no "
-          "intermediate checkpoint).")
-    print("The hand loops time only student init + the training loop, on tensors already in memory; scoring is "
-          "untimed.")
+    stage_medians = {stage: statistics.median(o.stages.get(stage, 0.0) for o in results[ENGINE])
+                     for stage in results[ENGINE][0].stages}
+    notes = [
+        f"median of {args.repeats} interleaved runs per variant (min-max in 'range s'); "
+        f"samples/s = rows x epochs / median s = {args.rows:,} x {args.epochs} / s;",
+        "hand/engine > 1 means the engine is faster. 'teacher fwd' = rows pushed through the teacher per run.",
+        f"val agree = student argmax == teacher argmax, val acc = student argmax == label, on {args.val_rows:,} "
+        "validation rows.",
+        "Conservative for the engine: its time is the whole run_distillation call, i.e. parsing both CSVs and the "
+        "teacher file,",
+        "teacher inference, per-epoch validation, the final evaluation (incl. latency measurement of teacher and "
+        "student, up to ~1 s)",
+        "and the export (safetensors + state.json; a run shorter than checkpoint_interval_s = 60 s writes no "
+        "intermediate checkpoint).",
+        "The hand loops time only student init + the training loop, on tensors already in memory; their scoring is "
+        "untimed.",
+    ]
+    print("\n".join(notes))
     print("engine stages (median s): " + ", ".join(f"{s} {t:.2f}" for s, t in stage_medians.items()))
+    print(f"split of the gap: DataLoader vs randperm (b)/(c) = {median_s[HAND_DL] / median_s[HAND_PERM]:.2f}x; "
+          f"teacher per batch vs once (c)/(a) = {median_s[HAND_PERM] / engine_s:.2f}x")
 
 
 def parse_args() -> argparse.Namespace:

@@ -34,12 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        spec = JobSpec.from_dict(json.loads(args.spec.read_text()), base_dir=args.spec.parent)
-        result = run_distillation(spec, args.out, on_event=None if args.quiet else _print_event,
-                                  device=args.device, resume=args.resume)
+        raw = json.loads(args.spec.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         print(f"error: cannot read {args.spec}: {exc}", file=sys.stderr)
         return 2
+    try:
+        spec = JobSpec.from_dict(raw, base_dir=args.spec.parent)
+        result = run_distillation(spec, args.out, on_event=None if args.quiet else _print_event,
+                                  device=args.device, resume=args.resume)
     except DistillError as exc:
         print(f"error [{exc.code}]{f' ({exc.param})' if exc.param else ''}: {exc.message}", file=sys.stderr)
         return 1

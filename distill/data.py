@@ -24,6 +24,7 @@ __all__ = ["TabularDataset", "load_dataset", "split_dataset", "LABEL_COLUMN"]
 
 LABEL_COLUMN = "label"
 MAX_FEATURES = 1 << 16
+MAX_CLASSES = 1 << 16
 
 
 @dataclass
@@ -58,13 +59,16 @@ def _number(cell: str, line: int, column: str) -> float:
 
 
 def _label(value: object, line: int) -> int:
+    """A class index: an integer in [0, MAX_CLASSES) (a CSV cell may spell it "3" or "3.0")."""
+    raw = value
     if isinstance(value, str):
         try:
             value = float(value)
         except ValueError:
-            raise DataError(f"line {line}: label {value!r} is not an integer", line=line) from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        raise DataError(f"line {line}: label {value!r} must be a non-negative integer", line=line)
+            raise DataError(f"line {line}: label {raw!r} is not an integer", line=line) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < MAX_CLASSES \
+            or value != int(value):
+        raise DataError(f"line {line}: label {raw!r} must be an integer in [0, {MAX_CLASSES})", line=line)
     return int(value)
 
 
@@ -96,11 +100,23 @@ def _read_csv(text: str, max_rows: int | None) -> tuple[list[list[float]], list[
     return rows, labels
 
 
+def _finite(value: object) -> float | None:
+    """``value`` as a finite float, or None (bools, strings, NaN, inf and ints beyond float range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
 def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
     rows: list[list[float]] = []
     labels: list[int] = []
     labeled: bool | None = None
-    for line_index, raw in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines() also splits on U+2028 etc., which JSON allows inside strings.
+    for line_index, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         try:
@@ -118,9 +134,10 @@ def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], lis
             )
         row = []
         for j, value in enumerate(features):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = _finite(value)
+            if number is None:
                 raise DataError(f"line {line_index}: features[{j}] = {value!r} is not a finite number", line=line_index)
-            row.append(float(value))
+            row.append(number)
         has_label = "label" in record and record["label"] is not None
         if labeled is None:
             labeled = has_label

@@ -23,7 +23,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
     Args:
         student_logits: (N, C)
-        teacher_logits: (N, C), no gradient needed
+        teacher_logits: (N, C), treated as constants (detached): no gradient reaches the teacher
         temperature: T > 0
     Returns:
         scalar tensor; 0 for an empty batch (not NaN).
@@ -31,7 +31,7 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     if student_logits.shape[0] == 0:
         return student_logits.sum() * 0.0
     student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)
-    teacher_probs = F.softmax(teacher_logits / temperature, dim=-1)
+    teacher_probs = F.softmax(teacher_logits.detach() / temperature, dim=-1)
     return F.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * temperature**2
 
 
@@ -55,7 +55,7 @@ def distillation_loss(
     pure soft-target loss, whatever alpha says.
     """
     soft = SOFT_TARGET_LOSSES[soft_loss](student_logits, teacher_logits, temperature)
-    if labels is None or alpha >= 1.0:
+    if labels is None or alpha >= 1.0 or labels.numel() == 0:
         return soft
     hard = F.cross_entropy(student_logits, labels)
     return alpha * soft + (1.0 - alpha) * hard

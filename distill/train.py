@@ -23,7 +23,7 @@ import torch
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TabularDataset, load_dataset, split_dataset
 from .device import resolve_device
-from .errors import JobStopped, MismatchError
+from .errors import DataError, JobStopped, MismatchError, ModelFormatError
 from .evaluate import classification_metrics, evaluate
 from .losses import distillation_loss
 from .models import MLP, MLPArchitecture, load_model, save_model
@@ -62,11 +62,25 @@ def get_lr(hp: Hyperparameters, step: int, total_steps: int) -> float:
     return hp.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _load(path: Path, param: str) -> TabularDataset:
+    try:
+        return load_dataset(path)
+    except DataError as exc:
+        raise DataError(f"{param}: {exc.message}", param=param, line=exc.line) from None
+
+
 def load_data(spec: JobSpec) -> tuple[TabularDataset, TabularDataset]:
-    training = load_dataset(spec.training_file)
+    training = _load(spec.training_file, "training_file")
     if spec.validation_file is not None:
-        return training, load_dataset(spec.validation_file)
+        return training, _load(spec.validation_file, "validation_file")
     return split_dataset(training, spec.validation_split, spec.hyperparameters.seed)
+
+
+def load_teacher(path: Path, device: torch.device) -> MLP:
+    try:
+        return load_model(path, device)
+    except ModelFormatError as exc:
+        raise ModelFormatError(f"teacher: {exc.message}", param="teacher", tensor=exc.tensor) from None
 
 
 def check_compatible(teacher: MLPArchitecture, training: TabularDataset, validation: TabularDataset) -> None:
@@ -120,7 +134,7 @@ def run_distillation(
     torch.manual_seed(hp.seed)
 
     on_event("stage", {"stage": "loading", "device": str(torch_device)})
-    teacher = load_model(spec.teacher, torch_device)
+    teacher = load_teacher(spec.teacher, torch_device)
     training, validation = load_data(spec)
     check_compatible(teacher.architecture, training, validation)
     student_arch = MLPArchitecture(
@@ -156,7 +170,7 @@ def run_distillation(
     last_progress = last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, hp.epochs):
         # Seeded per epoch so resume reproduces the order; shuffle on the data's device.
-        generator = torch.Generator().manual_seed(hp.seed * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed((hp.seed * 1_000_003 + epoch) % 2**63)
         order = torch.randperm(n, generator=generator).to(torch_device)
         loss_sum = torch.zeros((), device=torch_device)  # summed on-device: no sync per step
         for start in range(0, n, hp.batch_size):
