@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     """Device the API process serves /predict on."""
     max_upload_bytes: int = 512 * MiB
     """Largest accepted upload; larger bodies get 413."""
+    max_extracted_bytes: int = 8 * 1024 * MiB
+    """Largest total size a model archive may unpack to (zip bombs stop here)."""
+    models_dir: Path | None = None
+    """Allow-listed root for server-side teachers/students given as {"path": ...}; unset = disabled."""
     max_dataset_rows: int = 5_000_000
     max_student_parameters: int = 200_000_000
     max_job_seconds: int = 6 * 3600

@@ -72,9 +72,15 @@ def problem_response(status: int, code: str, detail: str, instance: str, param: 
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
+# Tagged unions put the tag in the error location (student.architecture.mlp.hidden_dims);
+# the field the user wrote has no such segment.
+UNION_TAGS = {"architecture": {"mlp", "hf"}}
+
+
 def _location(loc: tuple) -> str:
     """('body', 'hyperparameters', 'epochs') -> 'hyperparameters.epochs'; list indexes as [i]."""
     parts = [p for p in loc if p not in ("body", "query", "path", "form", "header")]
+    parts = [p for i, p in enumerate(parts) if not (i and p in UNION_TAGS.get(parts[i - 1], ()))]
     text = ""
     for part in parts:
         text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))

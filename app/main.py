@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .api.routes import files, jobs, models
+from .api.routes import completions, files, jobs, models
 from .config import get_settings
 from .db import get_engine
 from .errors import install_error_handlers, problem_response
@@ -68,7 +68,7 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Distillation service", version="0.1.0",
                   description="Turn a trained teacher model into a small, fast student.")
     install_error_handlers(app)
-    for module in (files, jobs, models):
+    for module in (files, jobs, models, completions):
         app.include_router(module.router, prefix="/v1")
 
     @app.get("/healthz", tags=["health"])

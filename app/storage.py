@@ -13,9 +13,17 @@ from typing import BinaryIO
 
 from .config import get_settings
 
-__all__ = ["LocalStorage", "get_storage", "TooLarge"]
+__all__ = ["LocalStorage", "get_storage", "TooLarge", "file_sha256"]
 
 CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 class TooLarge(Exception):

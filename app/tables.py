@@ -54,6 +54,7 @@ class Job(Base):
     metrics: Mapped[dict] = mapped_column(JSON, default=dict)
     error: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     result_model_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result_files: Mapped[list] = mapped_column(JSON, default=list)
     device: Mapped[str | None] = mapped_column(String(32), nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

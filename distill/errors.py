@@ -6,7 +6,9 @@ can turn it into a job's ``error`` (or a 4xx) without parsing text.
     ├── SpecError                the job spec itself is invalid          (invalid_spec)
     ├── DataError                a dataset file is unreadable or invalid (invalid_dataset)
     ├── ModelFormatError         a model file is unreadable or invalid   (invalid_model)
+    │   └── ArchiveError         an uploaded archive is unsafe/invalid   (invalid_archive)
     ├── MismatchError            teacher, student and data don't fit     (mismatch)
+    │   └── VocabularyMismatch   teacher and student tokenizers differ   (vocabulary_mismatch)
     └── JobStopped               should_stop() asked the loop to stop    (cancelled)
 """
 
@@ -19,6 +21,8 @@ __all__ = [
     "ModelFormatError",
     "MismatchError",
     "JobStopped",
+    "ArchiveError",
+    "VocabularyMismatch",
 ]
 
 
@@ -60,3 +64,15 @@ class MismatchError(DistillError):
 
 class JobStopped(DistillError):
     code = "cancelled"
+
+
+class ArchiveError(ModelFormatError):
+    """An uploaded model archive is unreadable, or an entry in it is unsafe (the message names the entry)."""
+
+    code = "invalid_archive"
+
+
+class VocabularyMismatch(MismatchError):
+    """Token-level distillation needs one tokenizer; the teacher's and the student's differ."""
+
+    code = "vocabulary_mismatch"

@@ -6,12 +6,10 @@ Shapes: ``student_logits`` and ``teacher_logits`` are (N, C) — one row per sam
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["forward_kl", "distillation_loss", "SOFT_TARGET_LOSSES"]
+__all__ = ["forward_kl", "distillation_loss"]
 
 
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -35,12 +33,6 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(student_log_probs, teacher_probs, reduction="batchmean") * temperature**2
 
 
-# name -> fn(student_logits, teacher_logits, temperature) -> scalar
-SOFT_TARGET_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
-    "forward_kl": forward_kl,
-}
-
-
 def distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -48,13 +40,22 @@ def distillation_loss(
     temperature: float,
     alpha: float,
     soft_loss: str = "forward_kl",
+    beta: float = 0.5,
 ) -> torch.Tensor:
     """The job loss: ``alpha * soft + (1 - alpha) * cross_entropy(student, labels)``.
 
+    ``soft`` is the chosen divergence (forward_kl, reverse_kl, jsd with ``beta``, tvd)
+    between the temperature-softened distributions, scaled by T², averaged over rows.
     Without labels (an unlabeled transfer set, which the teacher labels) it is the
     pure soft-target loss, whatever alpha says.
     """
-    soft = SOFT_TARGET_LOSSES[soft_loss](student_logits, teacher_logits, temperature)
+    if soft_loss == "forward_kl":
+        soft = forward_kl(student_logits, teacher_logits, temperature)
+    else:
+        from .llm_losses import token_kd_loss
+
+        every_row = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+        soft = token_kd_loss(student_logits, teacher_logits, every_row, soft_loss, temperature, beta)
     if labels is None or alpha >= 1.0 or labels.numel() == 0:
         return soft
     hard = F.cross_entropy(student_logits, labels)

@@ -27,7 +27,7 @@ from .errors import DataError, JobStopped, MismatchError, ModelFormatError
 from .evaluate import classification_metrics, evaluate
 from .losses import distillation_loss
 from .models import MLP, MLPArchitecture, load_model, save_model
-from .spec import Hyperparameters, JobSpec
+from .spec import TEXT_TASKS, Hyperparameters, JobSpec
 from .teacher_signal import compute_logits
 
 __all__ = ["run_distillation", "RunResult", "EventCallback"]
@@ -40,10 +40,16 @@ PROGRESS_EVERY_S = 0.5  # step-level progress events are throttled to this
 @dataclass
 class RunResult:
     model_path: Path
-    architecture: MLPArchitecture
+    """The student: a model file (MLP) or a Hugging Face directory (text tasks)."""
+    architecture: dict
+    parameters: int
     evaluation: dict
     history: list[dict]  # one entry per epoch
     device: str
+    format: str = "safetensors"
+    """'safetensors' (one model file) or 'hf' (a transformers directory)."""
+    generated_path: Path | None = None
+    """Sequence-level KD: the teacher-generated training set (JSONL)."""
 
 
 def _ignore_event(kind: str, data: dict) -> None:
@@ -101,11 +107,13 @@ def check_compatible(teacher: MLPArchitecture, training: TabularDataset, validat
 
 @torch.no_grad()
 def validation_metrics(student: MLP, val_x: torch.Tensor, val_teacher_logits: torch.Tensor,
-                       val_labels: torch.Tensor | None, hp: Hyperparameters) -> dict:
+                       val_labels: torch.Tensor | None, spec: JobSpec) -> dict:
+    hp = spec.hyperparameters
     student.eval()
     student_logits = compute_logits(student, val_x, val_x.device)
     student.train()
-    loss = distillation_loss(student_logits, val_teacher_logits, val_labels, hp.temperature, hp.alpha)
+    loss = distillation_loss(student_logits, val_teacher_logits, val_labels, hp.temperature, hp.alpha,
+                             spec.loss.type, spec.loss.beta)
     metrics = classification_metrics(student_logits, val_teacher_logits, val_labels)
     return {"validation_loss": loss.item(), "validation_agreement": metrics["agreement"],
             "validation_accuracy": metrics["student_accuracy"]}
@@ -122,10 +130,16 @@ def run_distillation(
 ) -> RunResult:
     """Run one distillation job; artifacts go under ``out_dir`` (checkpoints/, final/).
 
+    Text tasks (causal_lm, text_classification) run in :mod:`distill.text_train`.
+
     With ``resume`` the newest checkpoint in ``out_dir`` (if any) is restored and
     training continues after its epoch; shuffling is seeded per epoch, so a resumed
     run sees the same batches an uninterrupted one would.
     """
+    if spec.task in TEXT_TASKS:
+        from .text_train import run_text_distillation  # transformers is imported only for text jobs
+
+        return RunResult(format="hf", **run_text_distillation(spec, out_dir, on_event, should_stop, device))
     on_event = on_event or _ignore_event
     should_stop = should_stop or _never_stop
     out_dir = Path(out_dir)
@@ -179,7 +193,8 @@ def run_distillation(
                 group["lr"] = get_lr(hp, step, total_steps)
             student_logits = student(train_x[idx])  # (B, C)
             loss = distillation_loss(student_logits, teacher_logits[idx],
-                                     train_y[idx] if train_y is not None else None, hp.temperature, hp.alpha)
+                                     train_y[idx] if train_y is not None else None, hp.temperature, hp.alpha,
+                                     spec.loss.type, spec.loss.beta)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -193,7 +208,7 @@ def run_distillation(
                 last_progress = now
         record = {"epoch": epoch + 1, "step": step, "train_loss": loss_sum.item() / n,
                   "learning_rate": get_lr(hp, step - 1, total_steps),
-                  **validation_metrics(student, val_x, val_teacher_logits, val_y, hp)}
+                  **validation_metrics(student, val_x, val_teacher_logits, val_y, spec)}
         history.append(record)
         on_event("progress", {"epoch": epoch + 1, "step": step, "total_steps": total_steps})
         on_event("epoch", record)
@@ -212,5 +227,6 @@ def run_distillation(
     model_path = save_model(student, final / "model.safetensors")
     (final / "state.json").write_text(json.dumps(
         {"epoch": hp.epochs, "step": step, "history": history, "evaluation": report, "spec": spec.to_dict()}, indent=2))
-    return RunResult(model_path=model_path, architecture=student_arch, evaluation=report, history=history,
+    return RunResult(model_path=model_path, architecture=student_arch.to_dict(),
+                     parameters=student_arch.num_parameters, evaluation=report, history=history,
                      device=str(torch_device))

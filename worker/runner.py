@@ -15,13 +15,18 @@ import traceback
 
 from app.config import get_settings
 from app.db import session_scope
+from app.errors import ApiError
 from app.services import jobs
-from app.storage import get_storage
+from app.services.references import dataset_path, model_dir_key, resolve_dataset, resolve_model
+from app.storage import file_sha256, get_storage
 from app.tables import FileRecord, ModelRecord, new_id
+from distill.archive import make_archive
 from distill.checkpoint import CHECKPOINTS_DIR
 from distill.device import resolve_device
 from distill.errors import DistillError, JobStopped, SpecError
+from distill.hf import inspect_model_dir
 from distill.spec import JobSpec
+from distill.text_data import inspect_text_dataset
 from distill.train import RunResult, run_distillation
 
 log = logging.getLogger(__name__)
@@ -62,45 +67,70 @@ class JobReporter:
         return self.stop_reason is not None
 
 
-def engine_spec(spec: dict) -> JobSpec:
-    """The stored API spec with file and model ids replaced by local paths."""
-    storage = get_storage()
+def engine_spec(spec: dict, tenant: str) -> JobSpec:
+    """The stored API spec with file and model references replaced by local paths."""
     with session_scope() as session:
-        def file_path(file_id: str, param: str) -> str:
-            record = session.get(FileRecord, file_id)
-            if record is None:
-                raise SpecError(f"file {file_id!r} no longer exists", param=param)
-            return str(storage.local_path(record.storage_key))
+        def model(ref: dict, param: str) -> dict:
+            try:
+                return {"path": str(resolve_model(session, tenant, ref, param).path)}
+            except ApiError as exc:  # deleted or moved since submission
+                raise SpecError(exc.detail, param=exc.param) from None
 
-        teacher = spec["teacher"]
-        if teacher.get("model_id"):
-            model = session.get(ModelRecord, teacher["model_id"])
-            if model is None:
-                raise SpecError(f"model {teacher['model_id']!r} no longer exists", param="teacher.model_id")
-            teacher_path = str(storage.local_path(model.storage_key))
+        def dataset(file_id: str, param: str) -> str:
+            try:
+                return str(dataset_path(resolve_dataset(session, tenant, file_id, param)))
+            except ApiError as exc:
+                raise SpecError(exc.detail, param=exc.param) from None
+
+        student = spec["student"]
+        if any(student.get(k) for k in ("file_id", "model_id", "path")):
+            student = model({k: v for k, v in student.items() if v is not None}, "student")
         else:
-            teacher_path = file_path(teacher["file_id"], "teacher.file_id")
-        local = {**spec, "teacher": {"path": teacher_path},
-                 "training_file": file_path(spec["training_file"], "training_file"),
-                 "validation_file": file_path(spec["validation_file"], "validation_file")
+            student = {k: v for k, v in student.items() if v is not None}
+        local = {**spec, "teacher": model({k: v for k, v in spec["teacher"].items() if v is not None}, "teacher"),
+                 "student": student,
+                 "training_file": dataset(spec["training_file"], "training_file"),
+                 "validation_file": dataset(spec["validation_file"], "validation_file")
                  if spec.get("validation_file") else None}
     return JobSpec.from_dict(local)
 
 
 def register_model(job_id: str, tenant: str, task: str, result: RunResult) -> str:
+    """Keep the student (and any generated set) in storage and record it; the job succeeds in the same transaction."""
     storage = get_storage()
     model_id = new_id("model")
-    key = f"models/{model_id}/model.safetensors"
-    size, sha256 = storage.save_file(key, result.model_path)
+    architecture = result.architecture
+    if result.format == "hf":
+        shutil.copytree(result.model_path, storage.local_path(model_dir_key(model_id)))
+        key = f"models/{model_id}/{model_id}.tar.gz"
+        archive = make_archive(result.model_path, storage.local_path(key))
+        size, sha256 = archive.stat().st_size, file_sha256(archive)
+        architecture = {**inspect_model_dir(result.model_path), "kind": "hf"}
+    else:
+        key = f"models/{model_id}/model.safetensors"
+        size, sha256 = storage.save_file(key, result.model_path)
+    result_files = [register_generated(result.generated_path, job_id, tenant)] if result.generated_path else []
     with session_scope() as session:
         session.add(ModelRecord(id=model_id, tenant_id=tenant, job_id=job_id, task=task,
-                                architecture=result.architecture.to_dict(),
-                                parameters=result.architecture.num_parameters, size_bytes=size, sha256=sha256,
-                                storage_key=key, evaluation=result.evaluation))
+                                architecture=architecture, parameters=result.parameters, size_bytes=size,
+                                sha256=sha256, storage_key=key, evaluation=result.evaluation))
         session.flush()
         metrics = {**(result.history[-1] if result.history else {}), "evaluation": result.evaluation}
-        jobs.finish_job(session, job_id, "succeeded", metrics=metrics, result_model_id=model_id)
+        jobs.finish_job(session, job_id, "succeeded", metrics=metrics, result_model_id=model_id,
+                        result_files=result_files)
     return model_id
+
+
+def register_generated(path, job_id: str, tenant: str) -> str:
+    """The teacher-generated training set of sequence-level KD, as a downloadable dataset file."""
+    file_id = new_id("file")
+    key = f"files/{file_id}/content.jsonl"
+    size, sha256 = get_storage().save_file(key, path)
+    with session_scope() as session:
+        session.add(FileRecord(id=file_id, tenant_id=tenant, filename=f"generated-{job_id}.jsonl",
+                               purpose="dataset", bytes=size, sha256=sha256, storage_key=key,
+                               details={**inspect_text_dataset(path), "generated_by": job_id}))
+    return file_id
 
 
 def fail(job_id: str, code: str, message: str, param: str | None = None) -> None:
@@ -125,7 +155,7 @@ def execute_job(job_id: str) -> None:
     reporter = JobReporter(job_id, settings.max_job_seconds)
     out_dir = get_storage().local_path(f"jobs/{job_id}")
     try:
-        result = run_distillation(engine_spec(job.spec), out_dir, on_event=reporter.on_event,
+        result = run_distillation(engine_spec(job.spec, job.tenant_id), out_dir, on_event=reporter.on_event,
                                   should_stop=reporter.should_stop, device=str(device), resume=True,
                                   checkpoint_interval_s=settings.checkpoint_interval_s)
         register_model(job_id, job.tenant_id, job.spec.get("task", "classification"), result)

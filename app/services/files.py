@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import BinaryIO
@@ -9,9 +10,12 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from distill.archive import detect_archive_format, extract_archive
 from distill.data import load_dataset
-from distill.errors import DataError, ModelFormatError
+from distill.errors import ArchiveError, DataError, ModelFormatError
+from distill.hf import inspect_model_dir
 from distill.models import load_model
+from distill.text_data import inspect_text_dataset
 
 from ..config import get_settings
 from ..errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
@@ -22,18 +26,61 @@ from .common import paginate
 ACTIVE = ("queued", "running")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
 def _suffix(filename: str) -> str:
-    suffix = Path(filename).suffix.lower()
+    name = filename.lower()
+    if name.endswith(".tar.gz"):
+        return ".tar.gz"
+    suffix = Path(name).suffix
     return suffix if re.fullmatch(r"\.[a-z0-9]{1,16}", suffix) else ""
 
 
-def _validate(path: Path, purpose: str) -> dict:
-    """What the file holds, or Unprocessable naming the line / tensor at fault."""
+def _is_text_dataset(path: Path) -> bool:
+    """Text JSONL (text / prompt+completion / text+label) rather than tabular features."""
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    first = json.loads(raw)
+                except ValueError:
+                    return False
+                return isinstance(first, dict) and ("text" in first or "prompt" in first)
+    return False
+
+
+def _validate_dataset(path: Path) -> dict:
+    limit = get_settings().max_dataset_rows
+    if _is_text_dataset(path):
+        return inspect_text_dataset(path, max_rows=limit)
+    return load_dataset(path, max_rows=limit).summary()
+
+
+def _validate_model(path: Path, filename: str, folder: str) -> dict:
+    """An MLP model file, or an archive of a Hugging Face model directory (unpacked beside it)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if filename.lower().endswith(PICKLE_SUFFIXES) or head in PICKLE_MAGIC:
+        raise Unprocessable(f"{filename!r} looks like pickled weights, which are never loaded (they can run code); "
+                            "convert the model to safetensors", param="file", code="unsafe_model")
     try:
-        if purpose == "dataset":
-            return load_dataset(path, max_rows=get_settings().max_dataset_rows).summary()
+        detect_archive_format(path)
+    except ArchiveError:
         model = load_model(path)
-        return {"architecture": model.architecture.to_dict(), "parameters": model.architecture.num_parameters}
+        return {"format": "mlp", "architecture": model.architecture.to_dict(),
+                "parameters": model.architecture.num_parameters}
+    storage = get_storage()
+    model_dir = extract_archive(path, storage.local_path(f"{folder}/model"), get_settings().max_extracted_bytes)
+    details = inspect_model_dir(model_dir)
+    return {**details, "model_dir": str(model_dir.relative_to(storage.root))}
+
+
+def _validate(path: Path, purpose: str, filename: str, folder: str) -> dict:
+    """What the file holds, or Unprocessable naming the line / tensor / entry at fault."""
+    try:
+        return _validate_dataset(path) if purpose == "dataset" else _validate_model(path, filename, folder)
     except DataError as exc:
         raise Unprocessable(f"invalid dataset: {exc.message}", param="file", code=exc.code, line=exc.line) from None
     except ModelFormatError as exc:
@@ -54,7 +101,7 @@ def create_file(session: Session, tenant: str, source: BinaryIO, filename: str, 
         storage.delete(f"files/{file_id}")
         raise Unprocessable("the file is empty", param="file")
     try:
-        details = _validate(storage.local_path(key), purpose)
+        details = _validate(storage.local_path(key), purpose, filename, f"files/{file_id}")
     except Unprocessable:
         storage.delete(f"files/{file_id}")
         raise
@@ -63,6 +110,10 @@ def create_file(session: Session, tenant: str, source: BinaryIO, filename: str, 
     session.add(record)
     session.flush()
     return record
+
+
+def content_path(record: FileRecord) -> Path:
+    return get_storage().local_path(record.storage_key)
 
 
 def get_file(session: Session, tenant: str, file_id: str) -> FileRecord:
@@ -82,7 +133,8 @@ def list_files(session: Session, tenant: str, purpose: str | None, after: str | 
 def _referenced_by_active_job(session: Session, tenant: str, file_id: str) -> str | None:
     jobs = session.scalars(select(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))).all()
     for job in jobs:
-        refs = (job.spec.get("training_file"), job.spec.get("validation_file"), job.spec["teacher"].get("file_id"))
+        refs = (job.spec.get("training_file"), job.spec.get("validation_file"), job.spec["teacher"].get("file_id"),
+                (job.spec.get("student") or {}).get("file_id"))
         if file_id in refs:
             return job.id
     return None

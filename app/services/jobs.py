@@ -5,64 +5,102 @@ events, and the state transitions a worker makes. Every transition that can race
 from __future__ import annotations
 
 import logging
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from distill.errors import DistillError
+from distill.hf import load_tokenizer, shared_vocab_size
 from distill.models import MLPArchitecture
 
 from ..config import get_settings
 from ..errors import Conflict, NotFound, Unavailable, Unprocessable
 from ..queue import enqueue_job
 from ..schemas import JobCreate
-from ..tables import FileRecord, Job, JobEvent, ModelRecord, new_id, utcnow
+from ..tables import Job, JobEvent, new_id, utcnow
 from .common import paginate
+from .references import ModelRef, resolve_dataset, resolve_model
 
 log = logging.getLogger(__name__)
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-def _dataset(session: Session, tenant: str, file_id: str, param: str) -> FileRecord:
-    record = session.get(FileRecord, file_id)
-    if record is None or record.tenant_id != tenant:
-        raise Unprocessable(f"no file with id {file_id!r}", param=param)
-    if record.purpose != "dataset":
-        raise Unprocessable(f"file {file_id!r} has purpose {record.purpose!r}, not 'dataset'", param=param)
-    return record
+TEXT_KINDS = {"causal_lm": ("text", "prompt_completion"), "text_classification": ("text_label",)}
 
 
-def teacher_architecture(session: Session, tenant: str, body: JobCreate) -> MLPArchitecture:
-    ref = body.teacher
-    if ref.file_id is not None:
-        record = session.get(FileRecord, ref.file_id)
-        if record is None or record.tenant_id != tenant:
-            raise Unprocessable(f"no file with id {ref.file_id!r}", param="teacher.file_id")
-        if record.purpose != "model":
-            raise Unprocessable(f"file {ref.file_id!r} has purpose {record.purpose!r}, not 'model'",
-                                param="teacher.file_id")
-        return MLPArchitecture.from_dict(record.details["architecture"])
-    model = session.get(ModelRecord, ref.model_id)
-    if model is None or model.tenant_id != tenant:
-        raise Unprocessable(f"no model with id {ref.model_id!r}", param="teacher.model_id")
-    return MLPArchitecture.from_dict(model.architecture)
-
-
-def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
-    """The checks the file metadata allows at submit time; the worker checks the data itself."""
-    teacher = teacher_architecture(session, tenant, body)
-    files = [("training_file", body.training_file)]
-    if body.validation_file is not None:
-        files.append(("validation_file", body.validation_file))
-    for param, file_id in files:
-        details = _dataset(session, tenant, file_id, param).details
-        if details["num_features"] != teacher.input_dim:
+def _check_tabular(session: Session, tenant: str, body: JobCreate, teacher: ModelRef) -> None:
+    if teacher.kind != "mlp":
+        raise Unprocessable("task 'classification' needs an MLP teacher (a .safetensors model file); this teacher is "
+                            "a transformers model: use task 'causal_lm' or 'text_classification'", param="teacher")
+    if body.student.architecture is None or body.student.architecture.kind != "mlp":
+        raise Unprocessable("task 'classification' needs an MLP student: {\"architecture\": {\"kind\": \"mlp\", "
+                            "\"hidden_dims\": [...]}}", param="student")
+    architecture = MLPArchitecture.from_dict(teacher.details["architecture"])
+    for param, file_id in _dataset_refs(body):
+        details = resolve_dataset(session, tenant, file_id, param).details
+        if "num_features" not in details:
+            raise Unprocessable(f"{param} is a text dataset; task 'classification' needs numeric features",
+                                param=param, code="mismatch")
+        if details["num_features"] != architecture.input_dim:
             raise Unprocessable(f"{param} has {details['num_features']} features per row but the teacher takes "
-                                f"{teacher.input_dim}", param=param, code="mismatch")
-    student = MLPArchitecture(input_dim=teacher.input_dim, num_classes=teacher.num_classes,
+                                f"{architecture.input_dim}", param=param, code="mismatch")
+    student = MLPArchitecture(input_dim=architecture.input_dim, num_classes=architecture.num_classes,
                               hidden_dims=body.student.architecture.hidden_dims)
     limit = get_settings().max_student_parameters
     if student.num_parameters > limit:
         raise Unprocessable(f"the student would have {student.num_parameters} parameters; the limit is {limit}",
                             param="student.architecture.hidden_dims")
+
+
+def _check_text(session: Session, tenant: str, body: JobCreate, teacher: ModelRef) -> None:
+    task = body.task
+    if teacher.kind != "hf" or teacher.details.get("task") != task:
+        found = teacher.details.get("task") or ("an MLP" if teacher.kind == "mlp" else "an unknown kind of model")
+        raise Unprocessable(f"task {task!r} needs a transformers {task} teacher; this teacher is {found}",
+                            param="teacher")
+    if body.method == "sequence" and task != "causal_lm":
+        raise Unprocessable("method 'sequence' is for task 'causal_lm'", param="method")
+    if body.student.architecture is not None and body.student.architecture.kind == "mlp":
+        raise Unprocessable("an MLP student is for task 'classification'; use file_id, model_id, path, "
+                            "{\"architecture\": {\"kind\": \"hf\", \"config\": {...}}} or derive", param="student")
+    for param, file_id in _dataset_refs(body):
+        kind = resolve_dataset(session, tenant, file_id, param).details.get("kind")
+        if kind not in TEXT_KINDS[task]:
+            raise Unprocessable(f"task {task!r} needs {' or '.join(TEXT_KINDS[task])} records; {param} holds "
+                                f"{kind or 'numeric features'}", param=param, code="mismatch")
+    student = body.student
+    refs = {k: getattr(student, k) for k in ("file_id", "model_id", "path") if getattr(student, k) is not None}
+    if refs:
+        pretrained = resolve_model(session, tenant, refs, "student")
+        if pretrained.kind != "hf" or pretrained.details.get("task") != task:
+            raise Unprocessable(f"the student must be a transformers {task} model", param="student")
+        if task == "causal_lm" and body.method == "token":
+            _check_vocabulary(teacher, pretrained)
+
+
+def _check_vocabulary(teacher: ModelRef, student: ModelRef) -> None:
+    """Token-level KD compares distributions over one vocabulary; different tokenizers can't."""
+    try:
+        shared_vocab_size(load_tokenizer(teacher.path), load_tokenizer(student.path),
+                          teacher.details["vocab_size"], student.details["vocab_size"])
+    except DistillError as exc:
+        raise Unprocessable(exc.message, param=exc.param or "student", code=exc.code) from None
+
+
+def _dataset_refs(body: JobCreate) -> list[tuple[str, str]]:
+    refs = [("training_file", body.training_file)]
+    if body.validation_file is not None:
+        refs.append(("validation_file", body.validation_file))
+    return refs
+
+
+def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
+    """The checks the files' metadata allows at submit time; the worker checks the data itself."""
+    teacher = resolve_model(session, tenant, body.teacher.model_dump(exclude_none=True), "teacher")
+    if body.task == "classification":
+        _check_tabular(session, tenant, body, teacher)
+    else:
+        _check_text(session, tenant, body, teacher)
 
 
 def add_event(session: Session, job_id: str, type: str, message: str = "", data: dict | None = None) -> None:
@@ -160,8 +198,10 @@ def heartbeat(session: Session, job_id: str, progress: dict | None) -> bool:
 
 
 def finish_job(session: Session, job_id: str, status: str, error: dict | None = None, metrics: dict | None = None,
-               result_model_id: str | None = None) -> None:
+               result_model_id: str | None = None, result_files: list[str] | None = None) -> None:
     values: dict = {"status": status, "finished_at": utcnow(), "error": error}
+    if result_files:
+        values["result_files"] = result_files
     if metrics is not None:
         values["metrics"] = metrics
     if result_model_id is not None:

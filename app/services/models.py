@@ -1,29 +1,31 @@
-"""Finished students: records, files and in-memory serving."""
+"""Finished models: records, downloads and in-memory serving (predict, completions)."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from distill.device import resolve_device
-from distill.models import MLP, load_model
+from distill.models import load_model
 
 from ..config import get_settings
 from ..errors import NotFound, Unprocessable
 from ..storage import get_storage
 from ..tables import ModelRecord
 from .common import paginate
+from .references import model_path
 
 
-def get_model(session: Session, tenant: str, model_id: str) -> ModelRecord:
+def get_model(session: Session, tenant: str, model_id: str, param: str = "model_id") -> ModelRecord:
     record = session.get(ModelRecord, model_id)
     if record is None or record.tenant_id != tenant:
-        raise NotFound(f"no model with id {model_id!r}", param="model_id")
+        raise NotFound(f"no model with id {model_id!r}", param=param)
     return record
 
 
@@ -31,30 +33,50 @@ def list_models(session: Session, tenant: str, after: str | None, limit: int):
     return paginate(session, ModelRecord, select(ModelRecord).where(ModelRecord.tenant_id == tenant), after, limit)
 
 
-def model_file(record: ModelRecord) -> Path:
-    return get_storage().local_path(record.storage_key)
+def is_hf(record: ModelRecord) -> bool:
+    return record.architecture.get("kind") == "hf"
+
+
+def download_file(record: ModelRecord) -> tuple[Path, str, str]:
+    """(path, filename, media type) of what GET .../download sends: the model file, or the HF directory archive."""
+    path = get_storage().local_path(record.storage_key)
+    if is_hf(record):
+        return path, f"{record.id}.tar.gz", "application/gzip"
+    return path, f"{record.id}.safetensors", "application/octet-stream"
 
 
 class ModelCache:
-    """Loaded models by id, least recently used evicted first; thread-safe."""
+    """Loaded models by id, least recently used evicted first; thread-safe. Each entry
+    carries a lock so one model serves one request at a time (generation is stateful)."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._models: OrderedDict[str, MLP] = OrderedDict()
+    def __init__(self, capacity: int, loader: Callable[[ModelRecord], Any]):
+        self.capacity, self.loader = capacity, loader
+        self._entries: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, record: ModelRecord) -> MLP:
+    def get(self, record: ModelRecord) -> tuple[Any, threading.Lock]:
         key = f"{record.id}:{record.sha256}"
         with self._lock:
-            if key in self._models:
-                self._models.move_to_end(key)
-                return self._models[key]
-        model = load_model(model_file(record), resolve_device(get_settings().inference_device))
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        entry = (self.loader(record), threading.Lock())
         with self._lock:
-            self._models[key] = model
-            while len(self._models) > self.capacity:
-                self._models.popitem(last=False)
-        return model
+            entry = self._entries.setdefault(key, entry)
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+        return entry
+
+
+def _load(record: ModelRecord):
+    device = resolve_device(get_settings().inference_device)
+    path = model_path(record)
+    if not is_hf(record):
+        return load_model(path, device)
+    from distill.hf import load_causal_lm, load_classifier, load_tokenizer  # transformers only when needed
+
+    loader = load_causal_lm if record.task == "causal_lm" else load_classifier
+    return loader(path, device=device).eval(), load_tokenizer(path)
 
 
 _cache: ModelCache | None = None
@@ -63,21 +85,44 @@ _cache: ModelCache | None = None
 def model_cache() -> ModelCache:
     global _cache
     if _cache is None:
-        _cache = ModelCache(get_settings().model_cache_size)
+        _cache = ModelCache(get_settings().model_cache_size, _load)
     return _cache
 
 
-def predict(record: ModelRecord, inputs: list[list[float]]) -> list[dict]:
+def _check_count(inputs: list) -> None:
     limit = get_settings().max_predict_inputs
     if len(inputs) > limit:
         raise Unprocessable(f"at most {limit} inputs per request, got {len(inputs)}", param="inputs")
-    model = model_cache().get(record)
+
+
+def predict(record: ModelRecord, inputs: list) -> list[dict]:
+    _check_count(inputs)
+    if record.task == "causal_lm":
+        raise Unprocessable("this is a language model: use POST /v1/completions", param="model_id")
+    text = is_hf(record)
+    if any(isinstance(row, str) != text for row in inputs):
+        wanted = "a list of texts" if text else "a list of feature rows (lists of numbers)"
+        raise Unprocessable(f"this model takes {wanted}", param="inputs")
+    loaded, lock = model_cache().get(record)
+    with lock, torch.no_grad():
+        logits = _text_logits(loaded, inputs) if text else _feature_logits(loaded, inputs)
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    labels = probabilities.argmax(-1).tolist()
+    return [{"label": label, "probabilities": row} for label, row in zip(labels, probabilities.tolist())]
+
+
+def _feature_logits(model, inputs: list[list[float]]) -> torch.Tensor:
     width = model.architecture.input_dim
     for i, row in enumerate(inputs):
         if len(row) != width:
             raise Unprocessable(f"inputs[{i}] has {len(row)} features; the model takes {width}", param=f"inputs[{i}]")
     device = next(model.parameters()).device
-    with torch.no_grad():
-        probabilities = torch.softmax(model(torch.tensor(inputs, dtype=torch.float32, device=device)), dim=-1)
-    labels = probabilities.argmax(-1).tolist()
-    return [{"label": label, "probabilities": row} for label, row in zip(labels, probabilities.tolist())]
+    return model(torch.tensor(inputs, dtype=torch.float32, device=device))
+
+
+def _text_logits(loaded, inputs: list[str]) -> torch.Tensor:
+    model, tokenizer = loaded
+    device = next(model.parameters()).device
+    encoded = tokenizer(inputs, return_tensors="pt", padding=True, truncation=True,
+                        max_length=min(tokenizer.model_max_length, 4096)).to(device)
+    return model(**encoded).logits

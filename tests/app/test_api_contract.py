@@ -68,7 +68,9 @@ def test_safetensors_with_bad_shape_names_the_tensor(client, tmp_path):
 
 
 def test_pickle_or_garbage_is_not_a_model(client):
-    body = problem_of(upload_bytes(client, b"\x80\x04\x95garbage", "model.pt", "model"), 422)
+    body = problem_of(upload_bytes(client, b"\x80\x04\x95garbage", "model.safetensors", "model"), 422)
+    assert body["code"] == "unsafe_model" and "pickled" in body["detail"]
+    body = problem_of(upload_bytes(client, b"just some bytes", "model.safetensors", "model"), 422)
     assert body["code"] == "invalid_model"
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import SOFT_TARGET_LOSSES, distillation_loss, forward_kl
+from distill.losses import distillation_loss, forward_kl
 
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0, 10.0]
 
@@ -104,10 +104,9 @@ def test_distillation_loss_without_labels_is_pure_kl(alpha):
     torch.testing.assert_close(distillation_loss(s, t, None, 3.0, alpha), forward_kl(s, t, 3.0))
 
 
-def test_soft_loss_registry_names_forward_kl():
-    assert SOFT_TARGET_LOSSES["forward_kl"] is forward_kl
+def test_unknown_soft_loss_is_refused():
     s, t = _logits(seed=12)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError):
         distillation_loss(s, t, None, 1.0, 0.5, soft_loss="no_such_loss")
 
 

@@ -25,7 +25,7 @@ def test_minimal_spec_fills_defaults(tmp_path):
     assert spec.validation_file is None
     assert spec.validation_split == 0.2
     assert spec.student == StudentSpec(hidden_dims=[16], activation="relu")
-    assert spec.hyperparameters == Hyperparameters()
+    assert spec.hyperparameters == Hyperparameters(temperature=4.0)  # the classification default
     hp = spec.hyperparameters  # the documented defaults
     assert (hp.epochs, hp.temperature, hp.alpha, hp.lr_scheduler) == (20, 4.0, 0.5, "cosine")
     assert spec.metadata == {}

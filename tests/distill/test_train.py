@@ -53,7 +53,7 @@ def test_result_file_loads_and_matches_student_architecture(main_run, workspace,
     model = load_model(result.model_path)
     arch = read_architecture(result.model_path)
     assert (arch.input_dim, arch.hidden_dims, arch.num_classes) == (NUM_FEATURES, [8], NUM_CLASSES)
-    assert result.architecture.to_dict() == arch.to_dict()
+    assert result.architecture == arch.to_dict() and result.parameters == arch.num_parameters
     x, _ = problem.make(5, seed=99)
     with torch.no_grad():
         assert model(x).shape == (5, NUM_CLASSES)

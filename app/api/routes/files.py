@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
 
 from ...schemas import Deleted, FilePublic, FilePurpose, FilesPublic
 from ...services import files as service
@@ -40,6 +41,14 @@ def list_files(session: SessionDep, tenant: CurrentTenant, purpose: FilePurpose 
 @router.get("/{file_id}", response_model=FilePublic)
 def get_file(session: SessionDep, tenant: CurrentTenant, file_id: str) -> FilePublic:
     return public(service.get_file(session, tenant, file_id))
+
+
+@router.get("/{file_id}/content", response_class=FileResponse)
+def download_file(session: SessionDep, tenant: CurrentTenant, file_id: str) -> FileResponse:
+    """The file's bytes as uploaded (or as generated, for a job's result file)."""
+    record = service.get_file(session, tenant, file_id)
+    return FileResponse(service.content_path(record), media_type="application/octet-stream",
+                        filename=record.filename)
 
 
 @router.delete("/{file_id}", response_model=Deleted)

@@ -17,7 +17,7 @@ def public(job: Job) -> JobPublic:
     return JobPublic(id=job.id, status=job.status, created_at=unix(job.created_at), started_at=unix(job.started_at),
                      finished_at=unix(job.finished_at), spec=job.spec, progress=job.progress or {},
                      metrics=job.metrics or {}, error=job.error, result_model_id=job.result_model_id,
-                     device=job.device, cancel_requested=job.cancel_requested)
+                     result_files=job.result_files or [], device=job.device, cancel_requested=job.cancel_requested)
 
 
 def public_event(event: JobEvent) -> JobEventPublic:

@@ -36,10 +36,11 @@ def get_model(session: SessionDep, tenant: CurrentTenant, model_id: str) -> Mode
 
 @router.get("/{model_id}/download", response_class=FileResponse)
 def download_model(session: SessionDep, tenant: CurrentTenant, model_id: str) -> FileResponse:
-    """The student as a model file (safetensors + distill_architecture), the same format a teacher is uploaded in."""
+    """The student in the format a teacher is uploaded in: a model file (MLP), or a .tar.gz of a
+    Hugging Face directory that loads with from_pretrained (transformers models)."""
     record = service.get_model(session, tenant, model_id)
-    return FileResponse(service.model_file(record), media_type="application/octet-stream",
-                        filename=f"{record.id}.safetensors", headers={"X-Content-SHA256": record.sha256})
+    path, filename, media_type = service.download_file(record)
+    return FileResponse(path, media_type=media_type, filename=filename, headers={"X-Content-SHA256": record.sha256})
 
 
 @router.post("/{model_id}/predict", response_model=PredictResponse)

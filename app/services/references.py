@@ -1,0 +1,91 @@
+"""Resolve the model and file references of a job spec (``file_id``, ``model_id``,
+``path``) to what they hold and where it lies. Used at submit time to check a spec and
+by the worker to hand the engine local paths."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from distill.errors import ModelFormatError
+from distill.hf import inspect_model_dir
+from distill.models import read_architecture
+
+from ..config import get_settings
+from ..errors import Unprocessable
+from ..storage import get_storage
+from ..tables import FileRecord, ModelRecord
+
+
+@dataclass
+class ModelRef:
+    kind: str  # "mlp" | "hf"
+    details: dict  # mlp: {"architecture", "parameters"}; hf: inspect_model_dir's description
+    path: Path  # the model file or Hugging Face directory the engine loads
+
+
+def model_dir_key(model_id: str) -> str:
+    return f"models/{model_id}/model"
+
+
+def model_path(record: ModelRecord) -> Path:
+    """A finished model's loadable form: its model file, or its unpacked Hugging Face directory."""
+    storage = get_storage()
+    return storage.local_path(model_dir_key(record.id) if record.architecture.get("kind") == "hf"
+                              else record.storage_key)
+
+
+def _server_path(raw: str, param: str) -> ModelRef:
+    root = get_settings().models_dir
+    if root is None:
+        raise Unprocessable("server-side model paths are disabled; the operator sets DISTILL_MODELS_DIR", param=param)
+    root = Path(root).resolve()
+    path = (root / raw).resolve()
+    if path != root and root not in path.parents:
+        raise Unprocessable(f"{raw!r} is outside the allowed models directory", param=param)
+    if not path.exists():
+        raise Unprocessable(f"no model at {raw!r} under the models directory", param=param)
+    try:
+        if path.is_dir():
+            return ModelRef("hf", inspect_model_dir(path), path)
+        architecture = read_architecture(path)
+    except ModelFormatError as exc:
+        raise Unprocessable(f"invalid model at {raw!r}: {exc.message}", param=param, code=exc.code) from None
+    return ModelRef("mlp", {"architecture": architecture.to_dict(), "parameters": architecture.num_parameters}, path)
+
+
+def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> ModelRef:
+    """``ref`` is {"file_id"} | {"model_id"} | {"path"}; 422 naming ``param`` if it doesn't resolve."""
+    if ref.get("file_id"):
+        record = session.get(FileRecord, ref["file_id"])
+        if record is None or record.tenant_id != tenant:
+            raise Unprocessable(f"no file with id {ref['file_id']!r}", param=f"{param}.file_id")
+        if record.purpose != "model":
+            raise Unprocessable(f"file {ref['file_id']!r} has purpose {record.purpose!r}, not 'model'",
+                                param=f"{param}.file_id")
+        key = record.details.get("model_dir") or record.storage_key
+        kind = "hf" if record.details.get("format") == "hf" else "mlp"
+        return ModelRef(kind, record.details, get_storage().local_path(key))
+    if ref.get("model_id"):
+        model = session.get(ModelRecord, ref["model_id"])
+        if model is None or model.tenant_id != tenant:
+            raise Unprocessable(f"no model with id {ref['model_id']!r}", param=f"{param}.model_id")
+        if model.architecture.get("kind") == "hf":
+            return ModelRef("hf", model.architecture, model_path(model))
+        return ModelRef("mlp", {"architecture": model.architecture, "parameters": model.parameters}, model_path(model))
+    return _server_path(ref["path"], f"{param}.path")
+
+
+def resolve_dataset(session: Session, tenant: str, file_id: str, param: str) -> FileRecord:
+    record = session.get(FileRecord, file_id)
+    if record is None or record.tenant_id != tenant:
+        raise Unprocessable(f"no file with id {file_id!r}", param=param)
+    if record.purpose != "dataset":
+        raise Unprocessable(f"file {file_id!r} has purpose {record.purpose!r}, not 'dataset'", param=param)
+    return record
+
+
+def dataset_path(record: FileRecord) -> Path:
+    return get_storage().local_path(record.storage_key)
