@@ -77,8 +77,10 @@ activation checkpointing: the forward pass keeps only the inputs and the backwar
 recomputes one chunk at a time, so the intermediates are O(chunk_size × V). What remains
 O(N × V) is the gradient of the student logits, which autograd briefly holds twice (the
 chunks' gradients, then their concatenation): ~2.6 × N × V × 4 bytes in all at
-chunk_size = N/8 (float32 logits). Chunked costs a recomputed forward (~2× the time on
-CPU). See ``benchmarks/bench_loss_memory.py``.
+chunk_size = N/8 (float32 logits). Chunking recomputes each chunk's forward in backward
+(more FLOPs), yet on CPU it measured faster than unchunked: its chunk-sized buffers are
+reused, while unchunked pays page faults on fresh (N, V) ones every step. GPU timings are
+unmeasured. See ``benchmarks/bench_loss_memory.py``.
 
 Student logits must be finite (every real LM head's are). Teacher logits may contain
 −inf (e.g. masked vocabulary entries): teacher log-probabilities are floored at

@@ -195,7 +195,8 @@ def tokenize_for_lm(kind: str, records: list[dict], tokenizer, max_length: int, 
       truncated to ``max_length``, every real token but the first a target.
     - ``prompt_completion``: prompt tokens (bos first if the tokenizer adds one) then
       completion tokens + eos, one pair per row; targets are the completion tokens and the
-      eos. Too long rows lose the end of the completion; a prompt that leaves no room for one
+      eos (no eos for a record marked ``"truncated": true``, e.g. a generation cut off by
+      max_new_tokens: the model must not learn to stop there). Too long rows lose the end of the completion; a prompt that leaves no room for one
       completion token is a DataError naming the record's line. ``packing`` is ignored
       (packing would make prompts of one pair attend to another's completion).
     """
@@ -223,7 +224,7 @@ def tokenize_for_lm(kind: str, records: list[dict], tokenizer, max_length: int, 
         completions = _encode(tokenizer, [r["completion"] for r in records])
         for index, (record, prompt, completion) in enumerate(zip(records, prompts, completions)):
             prompt = prefix + prompt
-            target = completion + [eos]
+            target = completion + ([] if record.get("truncated") is True else [eos])
             room = max_length - len(prompt)
             if room < 1:
                 line = record.get("line")

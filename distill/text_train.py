@@ -150,26 +150,32 @@ def chunked_lm_loss(student_head: nn.Module, student_hidden: torch.Tensor, targe
     ce_total = student_hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, student_hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
-        signal = teacher[rows] if isinstance(teacher, TopKSignal) else None
-        teacher_states = teacher[1][rows] if isinstance(teacher, tuple) else None
-
-        def chunk_loss(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = student_head(hidden)[..., :shared].float()  # (c, V)
-            ce = F.cross_entropy(logits, targets[rows], reduction="sum")
-            if signal is None and teacher_states is None:
-                return logits.new_zeros(()), ce
-            if teacher_states is not None:
-                with torch.no_grad():  # recomputed in backward from (c, H): cheaper than keeping (c, V)
-                    teacher_logits = teacher[0](teacher_states)[..., :shared].float()
-                return token_divergence(logits, teacher_logits, loss_type, temperature, beta).sum(), ce
-            return token_divergence(logits, signal, loss_type, temperature, beta).sum(), ce
-
+        teacher_part = teacher[rows] if isinstance(teacher, TopKSignal) else \
+            teacher[1][rows] if isinstance(teacher, tuple) else None
+        # Everything a chunk needs is an argument: checkpoint re-runs the function in backward,
+        # after this loop has moved on, so a closure over loop variables would see the last chunk.
+        args = (student_hidden[rows], targets[rows], teacher_part)
         if torch.is_grad_enabled() and student_hidden.requires_grad:
-            kd, ce = checkpoint(chunk_loss, student_hidden[rows], use_reentrant=False)
+            kd, ce = checkpoint(_chunk_loss, *args, student_head, teacher, shared, loss_type, temperature, beta,
+                                use_reentrant=False)
         else:
-            kd, ce = chunk_loss(student_hidden[rows])
+            kd, ce = _chunk_loss(*args, student_head, teacher, shared, loss_type, temperature, beta)
         kd_total, ce_total = kd_total + kd, ce_total + ce
     return kd_total, ce_total
+
+
+def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, teacher_part, student_head: nn.Module, teacher,
+                shared: int, loss_type: str, temperature: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ divergence, Σ CE) of one chunk: hidden (c, H) → logits (c, V) inside, so only c × V is live."""
+    logits = student_head(hidden)[..., :shared].float()  # (c, V)
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    if teacher_part is None:
+        return logits.new_zeros(()), ce
+    if isinstance(teacher_part, TopKSignal):
+        return token_divergence(logits, teacher_part, loss_type, temperature, beta).sum(), ce
+    with torch.no_grad():  # recomputed in backward from (c, H): cheaper than keeping (c, V)
+        teacher_logits = teacher[0](teacher_part)[..., :shared].float()
+    return token_divergence(logits, teacher_logits, loss_type, temperature, beta).sum(), ce
 
 
 def shifted(hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor):
@@ -268,10 +274,15 @@ def generate_completions(teacher: nn.Module, tokenizer, prompts: list[str], gene
         new_tokens = output[:, encoded["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i, text in enumerate(texts):
-            records.append({"prompt": batch[i // generation.n], "completion": text})
+            if text.strip():  # an immediate eos teaches nothing a prompt/completion pair can hold
+                finished = bool((new_tokens[i] == tokenizer.eos_token_id).any())
+                records.append({"prompt": batch[i // generation.n], "completion": text, "truncated": not finished})
         if should_stop():
             raise JobStopped(f"stopped while generating ({len(records)} completions so far)")
     tokenizer.padding_side = "right"
+    if not records:
+        raise MismatchError("the teacher generated only empty completions; check the prompts or the generation "
+                            "settings", param="generation")
     return records
 
 

@@ -65,10 +65,12 @@ def service_env(tmp_path_factory) -> dict:
         "DISTILL_DEVICE": "cpu",
         "DISTILL_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "DISTILL_CHECKPOINT_INTERVAL_S": "0",
+        "DISTILL_MODELS_DIR": str(root / "server-models"),
         "PYTHONUNBUFFERED": "1",
     }
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
+    (root / "server-models").mkdir()
     env["_LOGS"] = str(root)
     yield env
     _admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

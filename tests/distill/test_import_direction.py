@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 ENGINE_MODULES = ["distill", "distill.train", "distill.cli", "distill.evaluate", "distill.checkpoint",
-                  "distill.data", "distill.models", "distill.spec", "distill.losses", "distill.teacher_signal"]
+                  "distill.data", "distill.models", "distill.spec", "distill.losses", "distill.teacher_signal",
+                  "distill.llm_losses", "distill.text_train", "distill.hf", "distill.archive", "distill.text_data"]
 FORBIDDEN = ["app", "worker", "fastapi", "celery", "sqlalchemy", "starlette", "redis", "pydantic", "uvicorn"]
 
 PROBE = f"""

@@ -1,0 +1,81 @@
+"""The transformers distillation loop at engine level: the chunked loss, vocabulary
+alignment for a padded teacher, and stopping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from distill.errors import JobStopped
+from distill.spec import JobSpec
+from distill.text_train import LogitsHead, chunked_lm_loss, run_text_distillation
+from tests.distill.hf_factories import SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, synthetic_language, tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_word_tokenizer(SYNTHETIC_WORDS)
+
+
+def test_chunked_loss_equals_full_logits_loss(tokenizer):
+    torch.manual_seed(0)
+    student, teacher = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2), tiny_gpt2(tokenizer, n_layer=2, seed=1)
+    hidden = torch.randn(37, 32, requires_grad=True)  # 37 positions: chunks of 8 don't divide it
+    teacher_hidden = torch.randn(37, 64)
+    targets = torch.randint(0, len(tokenizer), (37,))
+    head_s, head_t = student.get_output_embeddings(), teacher.get_output_embeddings()
+    kd, ce = chunked_lm_loss(head_s, hidden, targets, (head_t, teacher_hidden), len(tokenizer), "forward_kl", 2.0,
+                             0.5, chunk=8)
+    (kd + ce).backward()
+    chunked_grad = hidden.grad.clone()
+    hidden.grad = None
+
+    s_logits, t_logits = head_s(hidden) / 2.0, head_t(teacher_hidden).detach() / 2.0
+    expected_kd = F.kl_div(F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1), log_target=True,
+                           reduction="sum")
+    expected_ce = F.cross_entropy(head_s(hidden), targets, reduction="sum")
+    (expected_kd + expected_ce).backward()
+    torch.testing.assert_close(kd, expected_kd.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ce, expected_ce.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(chunked_grad, hidden.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_logits_head_splits_gpt2_into_body_and_head(tokenizer):
+    model = tiny_gpt2(tokenizer, n_layer=1, n_embd=32, n_head=2)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    head = LogitsHead(model, ids, torch.ones_like(ids))
+    assert head.split
+    with torch.no_grad():
+        torch.testing.assert_close(head.head(head.body(ids, torch.ones_like(ids))), model(input_ids=ids).logits)
+
+
+def _job(tmp_path, teacher_dir, **extra) -> JobSpec:
+    texts = [" ".join(synthetic_language(4, seed=i)) for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = {"task": "causal_lm", "teacher": {"path": str(teacher_dir)}, "student": {"derive": {"num_layers": 1}},
+            "training_file": str(tmp_path / "train.jsonl"), "validation_split": 0.2, "data": {"max_length": 32},
+            "hyperparameters": {"epochs": 1, "batch_size": 8}, **extra}
+    return JobSpec.from_dict(spec)
+
+
+def test_teacher_with_padded_vocabulary_is_aligned(tmp_path, tokenizer):
+    # Like Qwen (152064 rows for a 151936-token tokenizer): the extra rows are never real tokens.
+    padded = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer) + 17)
+    teacher_dir = save_model_dir(padded, tokenizer, tmp_path / "teacher")
+    for extra in ({}, {"teacher_signal": {"top_k": 5}}):
+        result = run_text_distillation(_job(tmp_path, teacher_dir, **extra), tmp_path / "out", device="cpu")
+        assert result["evaluation"]["teacher"]["perplexity"] > 1
+        assert 0 <= result["evaluation"]["top1_agreement"] <= 1
+        assert (result["model_path"] / "config.json").exists() and (result["model_path"] / "README.md").exists()
+
+
+def test_should_stop_stops_the_loop(tmp_path, tokenizer):
+    teacher_dir = save_model_dir(tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, tmp_path / "t")
+    events = []
+    with pytest.raises(JobStopped):
+        run_text_distillation(_job(tmp_path, teacher_dir), tmp_path / "out", on_event=lambda k, d: events.append(k),
+                              should_stop=lambda: True, device="cpu")
+    assert "stage" in events and "epoch" not in events
