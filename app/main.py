@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
-from fastapi import FastAPI
+# Models load from local files only; the service never reaches out to a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from fastapi import FastAPI  # noqa: E402
 from sqlalchemy import text
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 

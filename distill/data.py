@@ -164,15 +164,20 @@ def detect_format(path: Path, text: str) -> str:
     return "jsonl" if text.lstrip().startswith("{") else "csv"
 
 
-def load_dataset(path: str | Path, max_rows: int | None = None, format: str | None = None) -> TabularDataset:
-    """Parse and check a dataset file. Raises DataError naming the line at fault."""
-    path = Path(path)
+def read_text(path: str | Path) -> str:
+    """A dataset file as text (UTF-8, a BOM dropped), or DataError."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
     except OSError as exc:
         raise DataError(f"cannot read the dataset file: {exc.strerror}") from None
+
+
+def load_dataset(path: str | Path, max_rows: int | None = None, format: str | None = None) -> TabularDataset:
+    """Parse and check a dataset file. Raises DataError naming the line at fault."""
+    path = Path(path)
+    text = read_text(path)
     format = format or detect_format(path, text)
     rows, labels = (_read_jsonl if format == "jsonl" else _read_csv)(text, max_rows)
     if not rows:

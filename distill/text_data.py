@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import DataError, ModelFormatError, SpecError
+from .data import read_text
 
 __all__ = [
     "KINDS",
@@ -37,13 +38,7 @@ _KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "text
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"the file is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise DataError(f"cannot read the dataset file: {exc.strerror}") from None
-    return text.split("\n")
+    return read_text(path).split("\n")  # "\n" only: U+2028 may sit inside a JSON string
 
 
 def _kind_of(record: dict, line: int) -> str:

@@ -42,6 +42,7 @@ from .hf import (derive_student, inspect_model_dir, load_causal_lm, load_classif
 from .llm_losses import TopKSignal, teacher_topk, token_divergence
 from .losses import distillation_loss
 from .spec import HFStudentSpec, JobSpec
+from .train import epoch_order, get_lr
 from .text_data import load_text_records, tokenize_for_classification, tokenize_for_lm
 
 __all__ = ["run_text_distillation", "generate_completions", "lm_metrics", "LOSS_CHUNK"]
@@ -292,10 +293,16 @@ def prompts_of(kind: str, records: list[dict]) -> list[str]:
 
 # ---- the loop -----------------------------------------------------------------------------------------------
 
-def get_lr(learning_rate: float, scheduler: str, step: int, total_steps: int) -> float:
-    if scheduler == "constant" or total_steps <= 1:
-        return learning_rate
-    return learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / (total_steps - 1))))
+def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, loss: torch.Tensor, hp, step: int,
+                   total_steps: int) -> None:
+    """Scheduled learning rate, backward, clipped gradients, update."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(hp, step, total_steps)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if hp.max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
+    optimizer.step()
 
 
 class Reporter:
@@ -324,7 +331,7 @@ def train_causal_lm(spec: JobSpec, teacher: LogitsHead | None, student: LogitsHe
     step, history = 0, []
     model.train()
     for epoch in range(1, hp.epochs + 1):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed((hp.seed * 1_000_003 + epoch) % 2**63))
+        order = epoch_order(hp, n, epoch)
         loss_sum, token_count = 0.0, 0
         for start in range(0, n, hp.batch_size):
             idx = order[start:start + hp.batch_size]
@@ -344,13 +351,7 @@ def train_causal_lm(spec: JobSpec, teacher: LogitsHead | None, student: LogitsHe
             count = max(targets.shape[0], 1)
             alpha = hp.alpha if teacher_side is not None else 0.0
             loss = (alpha * hp.temperature**2 * kd + (1 - alpha) * ce) / count
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(hp.learning_rate, hp.lr_scheduler, step, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if hp.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
-            optimizer.step()
+            optimizer_step(optimizer, model, loss, hp, step, total_steps)
             del states, teacher_side
             loss_sum += loss.item() * count
             token_count += count
@@ -377,7 +378,7 @@ def train_classifier(spec: JobSpec, teacher_logits: torch.Tensor, student: nn.Mo
     step, history = 0, []
     student.train()
     for epoch in range(1, hp.epochs + 1):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed((hp.seed * 1_000_003 + epoch) % 2**63))
+        order = epoch_order(hp, n, epoch)
         loss_sum = 0.0
         for start in range(0, n, hp.batch_size):
             idx = order[start:start + hp.batch_size]
@@ -385,13 +386,7 @@ def train_classifier(spec: JobSpec, teacher_logits: torch.Tensor, student: nn.Mo
                              attention_mask=tokens["attention_mask"][idx].to(device)).logits
             loss = distillation_loss(logits, teacher_logits[idx].to(device), tokens["labels"][idx].to(device),
                                      hp.temperature, hp.alpha, spec.loss.type, spec.loss.beta)
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(hp.learning_rate, hp.lr_scheduler, step, total_steps)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if hp.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), hp.max_grad_norm)
-            optimizer.step()
+            optimizer_step(optimizer, student, loss, hp, step, total_steps)
             loss_sum += loss.item() * len(idx)
             step += 1
             reporter.step(epoch, step)

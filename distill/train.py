@@ -75,6 +75,11 @@ def _load(path: Path, param: str) -> TabularDataset:
         raise DataError(f"{param}: {exc.message}", param=param, line=exc.line) from None
 
 
+def epoch_order(hp: Hyperparameters, n: int, epoch: int) -> torch.Tensor:
+    """A permutation seeded by (seed, epoch): the same batches on every run and every resume."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed((hp.seed * 1_000_003 + epoch) % 2**63))
+
+
 def load_data(spec: JobSpec) -> tuple[TabularDataset, TabularDataset]:
     training = _load(spec.training_file, "training_file")
     if spec.validation_file is not None:
@@ -184,8 +189,7 @@ def run_distillation(
     last_progress = last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, hp.epochs):
         # Seeded per epoch so resume reproduces the order; shuffle on the data's device.
-        generator = torch.Generator().manual_seed((hp.seed * 1_000_003 + epoch) % 2**63)
-        order = torch.randperm(n, generator=generator).to(torch_device)
+        order = epoch_order(hp, n, epoch).to(torch_device)
         loss_sum = torch.zeros((), device=torch_device)  # summed on-device: no sync per step
         for start in range(0, n, hp.batch_size):
             idx = order[start : start + hp.batch_size]

@@ -6,7 +6,13 @@ so nothing forks after CUDA is initialised; run one worker per GPU
 ``app.queue.celery_config``.
 """
 
-from app.queue import make_celery
+import os
+
+# Models load from local files only; a worker never reaches out to a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from app.queue import make_celery  # noqa: E402
 
 celery_app = make_celery()
 celery_app.conf.update(worker_pool="solo", worker_concurrency=1, include=["worker.tasks"])
