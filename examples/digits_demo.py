@@ -118,6 +118,9 @@ def follow(http: httpx.Client, job_id: str, timeout: float = 600) -> dict:
     """Poll the job and print its new events as they arrive."""
     after, deadline = None, time.monotonic() + timeout
     while time.monotonic() < deadline:
+        # Status first, events second: a job's final event is written with its final status,
+        # so events read after a finished status include it.
+        job = http.get(f"/distillation/jobs/{job_id}").json()
         page = http.get(f"/distillation/jobs/{job_id}/events", params={"after": after} if after else {}).json()
         for event in page["data"]:
             after = event["id"]
@@ -127,7 +130,6 @@ def follow(http: httpx.Client, job_id: str, timeout: float = 600) -> dict:
                       f"val_accuracy {data['validation_accuracy']:.4f}  agreement {data['validation_agreement']:.4f}")
             elif event["type"] == "stage":
                 print(f"  [{data['stage']}]")
-        job = http.get(f"/distillation/jobs/{job_id}").json()
         if job["status"] in ("succeeded", "failed", "cancelled") and not page["has_more"]:
             return job
         time.sleep(0.5)
