@@ -101,11 +101,15 @@ def register_model(job_id: str, tenant: str, task: str, result: RunResult) -> st
     model_id = new_id("model")
     architecture = result.architecture
     if result.format == "hf":
-        shutil.copytree(result.model_path, storage.local_path(model_dir_key(model_id)))
+        # The job's final/ folder becomes the model's directory (a move, not a copy: models are large);
+        # the download is a .tar.gz of it, built once here.
+        model_dir = storage.local_path(model_dir_key(model_id))
+        model_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(result.model_path, model_dir)
         key = f"models/{model_id}/{model_id}.tar.gz"
-        archive = make_archive(result.model_path, storage.local_path(key))
+        archive = make_archive(model_dir, storage.local_path(key))
         size, sha256 = archive.stat().st_size, file_sha256(archive)
-        architecture = {**inspect_model_dir(result.model_path), "kind": "hf"}
+        architecture = {**inspect_model_dir(model_dir), "kind": "hf"}
     else:
         key = f"models/{model_id}/model.safetensors"
         size, sha256 = storage.save_file(key, result.model_path)
