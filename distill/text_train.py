@@ -45,9 +45,15 @@ from .spec import HFStudentSpec, JobSpec
 from .train import epoch_order, get_lr
 from .text_data import load_text_records, tokenize_for_classification, tokenize_for_lm
 
-__all__ = ["run_text_distillation", "generate_completions", "lm_metrics", "LOSS_CHUNK"]
+__all__ = ["run_text_distillation", "generate_completions", "lm_metrics", "loss_chunk_rows"]
 
-LOSS_CHUNK = 512  # positions per loss chunk: bounds the live logits to LOSS_CHUNK × V floats per model
+LOSS_CHUNK_FLOATS = 1 << 24  # ~64 MiB of float32 logits per chunk per model, whatever the vocabulary
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """Positions per loss chunk, sized so one chunk's (rows, V) logits stay near LOSS_CHUNK_FLOATS."""
+    return max(16, min(512, LOSS_CHUNK_FLOATS // max(vocab, 1)))
+
 PROGRESS_EVERY_S = 0.5
 TOPK_STORE_LIMIT_BYTES = 2 << 30  # a precomputed top-k signal bigger than this is computed online instead
 EventCallback = Callable[[str, dict], None]
@@ -137,7 +143,8 @@ def check_kind(task: str, kind: str) -> None:
 
 def chunked_lm_loss(student_head: nn.Module, student_hidden: torch.Tensor, targets: torch.Tensor,
                     teacher: TopKSignal | tuple[nn.Module, torch.Tensor] | None, shared: int, loss_type: str,
-                    temperature: float, beta: float, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                    temperature: float, beta: float, chunk: int | None = None,
+                    need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (divergence, cross-entropy) over N selected positions.
 
     Args:
@@ -149,6 +156,7 @@ def chunked_lm_loss(student_head: nn.Module, student_hidden: torch.Tensor, targe
     """
     kd_total = student_hidden.new_zeros((), dtype=torch.float32)
     ce_total = student_hidden.new_zeros((), dtype=torch.float32)
+    chunk = chunk or loss_chunk_rows(shared)
     for start in range(0, student_hidden.shape[0], chunk):
         rows = slice(start, start + chunk)
         teacher_part = teacher[rows] if isinstance(teacher, TopKSignal) else \
@@ -158,18 +166,19 @@ def chunked_lm_loss(student_head: nn.Module, student_hidden: torch.Tensor, targe
         args = (student_hidden[rows], targets[rows], teacher_part)
         if torch.is_grad_enabled() and student_hidden.requires_grad:
             kd, ce = checkpoint(_chunk_loss, *args, student_head, teacher, shared, loss_type, temperature, beta,
-                                use_reentrant=False)
+                                need_ce, use_reentrant=False)
         else:
-            kd, ce = _chunk_loss(*args, student_head, teacher, shared, loss_type, temperature, beta)
+            kd, ce = _chunk_loss(*args, student_head, teacher, shared, loss_type, temperature, beta, need_ce)
         kd_total, ce_total = kd_total + kd, ce_total + ce
     return kd_total, ce_total
 
 
 def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, teacher_part, student_head: nn.Module, teacher,
-                shared: int, loss_type: str, temperature: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+                shared: int, loss_type: str, temperature: float, beta: float,
+                need_ce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ divergence, Σ CE) of one chunk: hidden (c, H) → logits (c, V) inside, so only c × V is live."""
     logits = student_head(hidden)[..., :shared].float()  # (c, V)
-    ce = F.cross_entropy(logits, targets, reduction="sum")
+    ce = F.cross_entropy(logits, targets, reduction="sum") if need_ce else logits.new_zeros(())
     if teacher_part is None:
         return logits.new_zeros(()), ce
     if isinstance(teacher_part, TopKSignal):
@@ -221,8 +230,9 @@ def lm_metrics(teacher: LogitsHead | None, student: LogitsHead, tokens: dict, sh
         select = tokens["loss_mask"][start:start + batch_size].to(device)
         s_states, targets = shifted(student.body(ids, mask), ids, select)
         t_states = shifted(teacher.body(ids, mask), ids, select)[0] if teacher is not None else None
-        for c in range(0, targets.shape[0], LOSS_CHUNK):
-            rows = slice(c, c + LOSS_CHUNK)
+        chunk = loss_chunk_rows(shared or 1 << 16)
+        for c in range(0, targets.shape[0], chunk):
+            rows = slice(c, c + chunk)
             s_logits = student.head(s_states[rows]).float()
             vocab = shared or s_logits.shape[-1]
             totals["student_nll"] += F.cross_entropy(s_logits[..., :vocab], targets[rows], reduction="sum").item()
@@ -346,10 +356,10 @@ def train_causal_lm(spec: JobSpec, teacher: LogitsHead | None, student: LogitsHe
                     teacher_side = (teacher.head, shifted(teacher.body(ids, mask), ids, select)[0])
             else:
                 teacher_side = None
-            kd, ce = chunked_lm_loss(student.head, states, targets, teacher_side, shared, spec.loss.type,
-                                     hp.temperature, spec.loss.beta)
-            count = max(targets.shape[0], 1)
             alpha = hp.alpha if teacher_side is not None else 0.0
+            kd, ce = chunked_lm_loss(student.head, states, targets, teacher_side, shared, spec.loss.type,
+                                     hp.temperature, spec.loss.beta, need_ce=alpha < 1)
+            count = max(targets.shape[0], 1)
             loss = (alpha * hp.temperature**2 * kd + (1 - alpha) * ce) / count
             optimizer_step(optimizer, model, loss, hp, step, total_steps)
             del states, teacher_side

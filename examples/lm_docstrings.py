@@ -56,11 +56,12 @@ from distill.train import run_distillation  # noqa: E402
 
 EOS = "<|endoftext|>"
 BLOCK = 128  # tokens per training sequence, for the teacher and the distillation alike
-PROMPT = "Return a new list"  # the sample completion's prompt: a typical docstring opening
+PROMPT = "Return True if"  # the sample completion's prompt: a typical docstring opening
 
 # Standard-library modules not to import: they open a browser or print on import (antigravity,
 # this), need a display (tkinter, turtle, idlelib), touch the terminal (readline), are test
-# suites or data (test, pydoc_data), may be setuptools in disguise (distutils), or are hundreds of near-identical generated codecs (encodings).
+# suites or data (test, pydoc_data), may be setuptools' copy in a venv (distutils), or are
+# hundreds of near-identical generated codecs (encodings).
 SKIP_MODULES = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "readline", "test",
                 "pydoc_data", "encodings", "lib2to3", "ensurepip", "venv", "distutils", "__main__"}
 
@@ -101,8 +102,9 @@ def public_objects(module):
             continue
         if inspect.isclass(obj):
             yield obj
-            yield from (member for attr, member in vars(obj).items()
-                        if not attr.startswith("_") and (inspect.isfunction(member) or inspect.ismethoddescriptor(member)))
+            for attr, member in vars(obj).items():
+                if not attr.startswith("_") and (inspect.isfunction(member) or inspect.ismethoddescriptor(member)):
+                    yield member
         elif inspect.isfunction(obj) or inspect.isbuiltin(obj):
             yield obj
 
@@ -166,7 +168,7 @@ def pack_blocks(tokenizer, documents: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity(model, blocks: torch.Tensor, batch_size: int = 32) -> float:
-    """exp(mean next-token cross-entropy) over all rows (the engine's validation perplexity)."""
+    """exp(mean next-token cross-entropy) over all rows, as the engine computes its validation perplexity."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(blocks), batch_size):
@@ -184,7 +186,7 @@ def train_teacher(tokenizer, train_blocks: torch.Tensor, val_blocks: torch.Tenso
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=args.layers, n_embd=args.embd, n_head=args.embd // 64,
                         n_positions=2 * BLOCK, bos_token_id=tokenizer.eos_token_id,
                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        # No dropout: with ~1.5 passes over the data the model underfits, not overfits.
+                        # No dropout: a few minutes of training leave the model underfitting, not overfitting.
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(args.seed)
     model = GPT2LMHeadModel(config)
@@ -234,7 +236,7 @@ def transfer_documents(train_docs: list[str], tokenizer, args, teacher_tokens_pe
     return chosen
 
 
-def job_body(teacher: str, training: str, validation: str, args) -> dict:
+def job_body(teacher: dict, training: str, validation: str, args) -> dict:
     """The job, in the JSON the engine's ``JobSpec.from_dict`` and the HTTP API both take."""
     return {
         "task": "causal_lm",
@@ -246,7 +248,8 @@ def job_body(teacher: str, training: str, validation: str, args) -> dict:
         "loss": {"type": "forward_kl"},  # KL(teacher || student) over the full vocabulary at every position
         "data": {"max_length": BLOCK, "packing": True},
         "hyperparameters": {"epochs": args.distill_epochs, "batch_size": args.batch_size,
-                            "learning_rate": args.distill_lr, "alpha": args.alpha, "temperature": 1.0, "seed": args.seed},
+                            "learning_rate": args.distill_lr, "alpha": args.alpha, "temperature": 1.0,
+                            "seed": args.seed},
         "metadata": {"teacher_name": "gpt2-stdlib-docstrings", "training_name": "stdlib docstrings"},
     }
 
@@ -262,7 +265,8 @@ class ProgressPrinter:
         elapsed = time.perf_counter() - self.started
         if kind == "stage":
             details = ", ".join(f"{k} {v}" for k, v in data.items() if k != "stage")
-            print(f"  engine   {elapsed:5.0f}s  stage {data['stage']}" + (f" ({details})" if details else ""), flush=True)
+            print(f"  engine   {elapsed:5.0f}s  stage {data['stage']}" + (f" ({details})" if details else ""),
+                  flush=True)
         elif kind == "progress" and elapsed - self.last >= self.every_s:
             print(f"  engine   {elapsed:5.0f}s  step {data['step']}/{data['total_steps']}", flush=True)
             self.last = elapsed
@@ -274,7 +278,7 @@ class ProgressPrinter:
 # ---- 5. report -------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def complete(model, tokenizer, prompt: str, new_tokens: int = 40) -> str:
+def complete(model, tokenizer, prompt: str, new_tokens: int = 32) -> str:
     """Greedy decoding, forbidding repeated 3-grams (small models otherwise loop on one phrase)."""
     ids = tokenizer(prompt, return_tensors="pt")
     output = model.generate(**ids, max_new_tokens=new_tokens, do_sample=False, no_repeat_ngram_size=3,
@@ -283,20 +287,24 @@ def complete(model, tokenizer, prompt: str, new_tokens: int = 40) -> str:
 
 
 def print_results(evaluation: dict) -> None:
+    """The engine's evaluation (validation split, the worker's device) as a table."""
     teacher, student = evaluation["teacher"], evaluation["student"]
     rows = [
-        ("parameters", f"{teacher['parameters']:,}", f"{student['parameters']:,}"),
-        ("validation perplexity", f"{teacher['perplexity']:.2f}", f"{student['perplexity']:.2f}"),
-        ("  student before distillation", "", f"{student['perplexity_before_training']:.2f}"),
-        ("generation tokens/s", f"{teacher['generation_tokens_per_s']:.0f}", f"{student['generation_tokens_per_s']:.0f}"),
+        ("parameters", f"{teacher['parameters']:,}", f"{student['parameters']:,}",
+         f"{evaluation['parameter_ratio']:.1%}"),
+        ("validation perplexity", f"{teacher['perplexity']:.2f}", f"{student['perplexity']:.2f}",
+         f"{student['perplexity'] / teacher['perplexity']:.2f}x"),
+        ("  student before distillation", "", f"{student['perplexity_before_training']:.2f}", ""),
+        ("generation tokens/s", f"{teacher['generation_tokens_per_s']:.0f}",
+         f"{student['generation_tokens_per_s']:.0f}", f"{evaluation['speedup']:.2f}x"),
+        ("top-1 next-token agreement", "", f"{evaluation['top1_agreement']:.1%}", ""),
+        ("KL(teacher || student), nats/token", "", f"{evaluation['kl_teacher_student']:.3f}", ""),
     ]
-    print(f"\n{'':32}{'teacher':>12}{'student':>12}")
-    for name, a, b in rows:
-        print(f"{name:32}{a:>12}{b:>12}")
-    print(f"\nstudent/teacher parameters {evaluation['parameter_ratio']:.1%}, generation speedup "
-          f"{evaluation['speedup']:.2f}x, top-1 next-token agreement {evaluation['top1_agreement']:.1%}, "
-          f"KL(teacher||student) {evaluation['kl_teacher_student']:.3f} nats/token "
-          f"({evaluation['validation_tokens']:,} validation tokens, {evaluation['device']})")
+    print(f"\n{'':36}{'teacher':>11}{'student':>11}{'student/teacher':>17}")
+    for name, *cells in rows:
+        print((f"{name:36}" + "".join(f"{c:>{w}}" for c, w in zip(cells, (11, 11, 17)))).rstrip())
+    print(f"({evaluation['validation_tokens']:,} validation tokens, device {evaluation['device']}; generation: "
+          "greedy, 32 new tokens after one validation text, batch of one)")
 
 
 def main() -> None:
@@ -305,21 +313,23 @@ def main() -> None:
     parser.add_argument("--max-corpus-chars", type=int, default=1_500_000)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--layers", type=int, default=6, help="teacher depth; the student gets half")
-    parser.add_argument("--embd", type=int, default=192, help="width (a multiple of 64: heads of 64)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences of 128 tokens per step")
+    parser.add_argument("--embd", type=int, default=128, help="width (a multiple of 64: heads of 64)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences of 128 tokens per step")
     parser.add_argument("--teacher-minutes", type=float, default=2.0)
-    parser.add_argument("--teacher-lr", type=float, default=2e-3)
+    parser.add_argument("--teacher-lr", type=float, default=3e-3)
     parser.add_argument("--distill-minutes", type=float, default=1.5, help="sizes the transfer set (approximate)")
     parser.add_argument("--distill-epochs", type=int, default=3)
     parser.add_argument("--distill-lr", type=float, default=5e-4)
     parser.add_argument("--alpha", type=float, default=1.0,
                         help="weight of the KD loss; 1 - alpha on the next-token cross-entropy")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (the engine's device)")
+    parser.add_argument("--device", default="cpu",
+                        help="the engine's device: cpu | cuda | auto (the teacher always trains on the CPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.embd % 64:
         parser.error("--embd must be a multiple of 64")
     transformers_logging.set_verbosity_error()  # keep the output to this script's own lines
+    transformers_logging.disable_progress_bar()
     started = time.perf_counter()
     data_dir, teacher_dir = args.workdir / "data", args.workdir / "teacher"
 
@@ -341,7 +351,6 @@ def main() -> None:
           f"in rows of {BLOCK} ({time.perf_counter() - t0:.1f}s)")
 
     print(f"3. teacher: GPT-2, {args.layers} layers x {args.embd}, {args.teacher_minutes:g} min", flush=True)
-    torch.set_num_threads(os.cpu_count() or 1)
     teacher, teacher_speed = train_teacher(tokenizer, train_blocks, val_blocks, args)
     teacher.save_pretrained(teacher_dir)  # safetensors: the only weight format the service accepts
     tokenizer.save_pretrained(teacher_dir)
@@ -351,8 +360,9 @@ def main() -> None:
     t0 = time.perf_counter()
     transfer = transfer_documents(train_docs, tokenizer, args, teacher_speed)
     transfer_path = write_jsonl(data_dir / "transfer.jsonl", transfer)
-    print(f"  transfer set: {len(transfer):,} of the {len(train_docs):,} training documents, sized for "
-          f"{args.distill_epochs} epochs in ~{args.distill_minutes:g} min at this machine's speed")
+    share = "all" if len(transfer) == len(train_docs) else f"{len(transfer):,} of the"
+    print(f"  transfer set: {share} {len(train_docs):,} training documents (sized for {args.distill_epochs} epochs "
+          f"in ~{args.distill_minutes:g} min at this machine's speed)")
     body = job_body({"path": str(teacher_dir.resolve())}, str(transfer_path.resolve()), str(val_path.resolve()), args)
     spec = JobSpec.from_dict(body)
     result = run_distillation(spec, args.workdir / "distill", on_event=ProgressPrinter(), device=args.device)

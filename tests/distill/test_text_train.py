@@ -79,3 +79,12 @@ def test_should_stop_stops_the_loop(tmp_path, tokenizer):
         run_text_distillation(_job(tmp_path, teacher_dir), tmp_path / "out", on_event=lambda k, d: events.append(k),
                               should_stop=lambda: True, device="cpu")
     assert "stage" in events and "epoch" not in events
+
+
+def test_loss_chunks_are_sized_by_vocabulary():
+    from distill.text_train import LOSS_CHUNK_FLOATS, loss_chunk_rows
+
+    assert loss_chunk_rows(32_000) == 512 and loss_chunk_rows(128_000) < loss_chunk_rows(32_000)
+    for vocab in (50, 8_192, 32_000, 151_936, 262_144):
+        assert 16 <= loss_chunk_rows(vocab) <= 512
+        assert loss_chunk_rows(vocab) * vocab <= max(LOSS_CHUNK_FLOATS, 16 * vocab)
