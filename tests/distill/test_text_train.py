@@ -88,3 +88,22 @@ def test_loss_chunks_are_sized_by_vocabulary():
     for vocab in (50, 8_192, 32_000, 151_936, 262_144):
         assert 16 <= loss_chunk_rows(vocab) <= 512
         assert loss_chunk_rows(vocab) * vocab <= max(LOSS_CHUNK_FLOATS, 16 * vocab)
+
+
+def test_sequence_kd_works_across_tokenizers(tmp_path, tokenizer):
+    # The student has its own, different tokenizer: only text passes between the models.
+    from tests.distill.hf_factories import SYNTHETIC_WORDS as words
+
+    teacher_dir = save_model_dir(tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, tmp_path / "t")
+    other = make_word_tokenizer(list(reversed(words)) + ["extra"])
+    student_dir = save_model_dir(tiny_gpt2(other, n_layer=1, n_embd=32, n_head=2, seed=3), other, tmp_path / "s")
+    prompts = [{"prompt": " ".join(s.split()[:3]), "completion": "x"} for s in synthetic_language(12, seed=4)]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    spec = _job(tmp_path, teacher_dir, method="sequence", student={"path": str(student_dir)},
+                generation={"max_new_tokens": 6, "temperature": 0.8})
+    spec.training_file = tmp_path / "prompts.jsonl"
+    result = run_text_distillation(spec, tmp_path / "out", device="cpu")
+    generated = [json.loads(line) for line in result["generated_path"].read_text().splitlines()]
+    assert generated and {g["prompt"] for g in generated} <= {p["prompt"] for p in prompts}
+    assert result["evaluation"]["top1_agreement"] is None  # no shared vocabulary to compare on
+    assert result["architecture"]["vocab_size"] == len(other)
