@@ -168,6 +168,11 @@ def _config_value(config: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def layer_count(config: Any) -> int | None:
+    """The number of transformer blocks, whatever the family calls the field."""
+    return _config_value(config, LAYER_COUNT_FIELDS)
+
+
 def _task(architectures: list[str] | None) -> str | None:
     for name in architectures or []:
         if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):

@@ -36,11 +36,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .device import resolve_device
-from .errors import JobStopped, MismatchError, SpecError
-from .hf import (derive_student, inspect_model_dir, load_causal_lm, load_classifier, load_tokenizer, model_card,
-                 save_hf, shared_vocab_size, student_from_config)
+from .errors import JobStopped, MismatchError
+from .hf import (derive_student, inspect_model_dir, layer_count, load_causal_lm, load_classifier, load_tokenizer,
+                 model_card, save_hf, shared_vocab_size, student_from_config)
 from .llm_losses import TopKSignal, teacher_topk, token_divergence
 from .losses import distillation_loss
+from .models import count_parameters  # parameters() yields tied weights once
 from .spec import HFStudentSpec, JobSpec
 from .train import epoch_order, get_lr
 from .text_data import load_text_records, tokenize_for_classification, tokenize_for_lm
@@ -60,10 +61,6 @@ EventCallback = Callable[[str, dict], None]
 
 
 # ---- models -------------------------------------------------------------------------------------------------
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
 
 class LogitsHead:
     """A model split into body → last hidden state (B, L, H) and output head H → V.
@@ -548,12 +545,5 @@ def run_text_distillation(spec: JobSpec, out_dir: str | Path, on_event: EventCal
     return {"model_path": final, "evaluation": evaluation, "history": history, "device": str(torch_device),
             "parameters": student_params, "generated_path": generated_path,
             "architecture": {"kind": "hf", "task": spec.task, "model_type": student_model.config.model_type,
-                             "num_layers": _num_layers(student_model.config),
+                             "num_layers": layer_count(student_model.config),
                              "vocab_size": student_model.config.vocab_size}}
-
-
-def _num_layers(config) -> int | None:
-    for name in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return None

@@ -337,7 +337,7 @@ def main() -> None:
     t0 = time.perf_counter()
     documents = build_corpus(args.max_corpus_chars)
     train_docs, val_docs = split_documents(documents, 0.05, args.seed)
-    train_path = write_jsonl(data_dir / "train.jsonl", train_docs)
+    write_jsonl(data_dir / "train.jsonl", train_docs)  # the full training split, for reference
     val_path = write_jsonl(data_dir / "validation.jsonl", val_docs)
     print(f"  {len(documents):,} docstrings, {sum(map(len, documents)):,} characters -> {len(train_docs):,} training "
           f"/ {len(val_docs):,} validation documents in {data_dir} ({time.perf_counter() - t0:.1f}s)")

@@ -32,3 +32,9 @@ def paginate(session: Session, table, query: Select, after: str | None, limit: i
                                 and_(table.created_at == anchor.created_at, table.id < anchor.id)))
     rows = session.scalars(query.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
+
+
+def page(data: list, has_more: bool) -> dict:
+    """The list envelope's fields for a page of public objects (newest first)."""
+    return {"data": data, "has_more": has_more, "first_id": data[0].id if data else None,
+            "last_id": data[-1].id if data else None}

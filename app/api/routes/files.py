@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 
 from ...schemas import Deleted, FilePublic, FilePurpose, FilesPublic
 from ...services import files as service
-from ...services.common import unix
+from ...services.common import page, unix
 from ...tables import FileRecord
 from ..deps import CurrentTenant, SessionDep
 
@@ -34,8 +34,7 @@ def list_files(session: SessionDep, tenant: CurrentTenant, purpose: FilePurpose 
                after: str | None = None, limit: Annotated[int, Query()] = 20) -> FilesPublic:
     rows, has_more = service.list_files(session, tenant, purpose, after, limit)
     data = [public(r) for r in rows]
-    return FilesPublic(data=data, has_more=has_more, first_id=data[0].id if data else None,
-                       last_id=data[-1].id if data else None)
+    return FilesPublic(**page(data, has_more))
 
 
 @router.get("/{file_id}", response_model=FilePublic)

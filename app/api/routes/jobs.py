@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query
 
 from ...schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic, JobStatus
 from ...services import jobs as service
-from ...services.common import unix
+from ...services.common import page, unix
 from ...tables import Job, JobEvent
 from ..deps import CurrentTenant, SessionDep
 
@@ -36,8 +36,7 @@ def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | No
               limit: Annotated[int, Query()] = 20) -> JobsPublic:
     rows, has_more = service.list_jobs(session, tenant, status, after, limit)
     data = [public(j) for j in rows]
-    return JobsPublic(data=data, has_more=has_more, first_id=data[0].id if data else None,
-                      last_id=data[-1].id if data else None)
+    return JobsPublic(**page(data, has_more))
 
 
 @router.get("/{job_id}", response_model=JobPublic)

@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse
 
 from ...schemas import ModelPublic, ModelsPublic, PredictRequest, PredictResponse
 from ...services import models as service
-from ...services.common import unix
+from ...services.common import page, unix
 from ...tables import ModelRecord
 from ..deps import CurrentTenant, SessionDep
 
@@ -25,8 +25,7 @@ def list_models(session: SessionDep, tenant: CurrentTenant, after: str | None = 
                 limit: Annotated[int, Query()] = 20) -> ModelsPublic:
     rows, has_more = service.list_models(session, tenant, after, limit)
     data = [public(r) for r in rows]
-    return ModelsPublic(data=data, has_more=has_more, first_id=data[0].id if data else None,
-                        last_id=data[-1].id if data else None)
+    return ModelsPublic(**page(data, has_more))
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
