@@ -96,9 +96,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LOSS_TYPES", "TopKSignal", "teacher_topk", "token_divergence", "token_kd_loss"]
+from .registry import DIVERGENCES, LOSS_TYPES, get_divergence
 
-LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+__all__ = ["LOSS_TYPES", "TopKSignal", "teacher_topk", "token_divergence", "token_kd_loss", "TAIL_EPS"]
 
 # Floor for the tail masses of the top-k signal (see the module docstring).
 TAIL_EPS = 1e-8
@@ -115,12 +115,19 @@ class TopKSignal:
     """The teacher's top-k at a temperature: log-probabilities over the FULL vocabulary
     (so ``sum(exp(logprobs)) <= 1`` and the rest is the tail mass), and their token ids.
 
-    Indexing (``signal[mask]``, ``signal[i:j]``) indexes both tensors the same way, over the
+    ``tail_logprob`` (optional) is log of the tail mass itself, summed from the teacher's
+    full distribution when the signal was made. Without it the tail is ``1 − Σ p_i``,
+    which is only as exact as the stored log-probabilities: on a near-flat teacher a
+    float16 store leaves the tail off by ~1e-3 relative, enough to move a reverse KL by
+    tens of percent. :func:`teacher_topk` always fills it.
+
+    Indexing (``signal[mask]``, ``signal[i:j]``) indexes every tensor the same way, over the
     leading (position) dimensions.
     """
 
     logprobs: torch.Tensor  # (..., k) float
-    indices: torch.Tensor  # (..., k) int64
+    indices: torch.Tensor  # (..., k) int64 or int32
+    tail_logprob: torch.Tensor | None = None  # (...,) float
 
     def __post_init__(self) -> None:
         if self.logprobs.shape != self.indices.shape:
@@ -134,6 +141,9 @@ class TopKSignal:
             raise ValueError(f"TopKSignal: logprobs must be floating point, got {self.logprobs.dtype}")
         if self.indices.is_floating_point() or self.indices.dtype == torch.bool:
             raise ValueError(f"TopKSignal: indices must be integer token ids, got {self.indices.dtype}")
+        if self.tail_logprob is not None and self.tail_logprob.shape != self.logprobs.shape[:-1]:
+            raise ValueError(f"TopKSignal: tail_logprob {tuple(self.tail_logprob.shape)} must have the positions' "
+                             f"shape {tuple(self.logprobs.shape[:-1])}")
 
     @property
     def k(self) -> int:
@@ -144,11 +154,22 @@ class TopKSignal:
         """The leading (position) shape, without k."""
         return self.logprobs.shape[:-1]
 
+    def bytes_per_position(self) -> int:
+        tail = self.tail_logprob.element_size() if self.tail_logprob is not None else 0
+        return self.k * (self.logprobs.element_size() + self.indices.element_size()) + tail
+
     def __getitem__(self, index) -> "TopKSignal":
-        return TopKSignal(self.logprobs[index], self.indices[index])
+        tail = self.tail_logprob[index] if self.tail_logprob is not None else None
+        return TopKSignal(self.logprobs[index], self.indices[index], tail)
 
     def to(self, device) -> "TopKSignal":
-        return TopKSignal(self.logprobs.to(device), self.indices.to(device))
+        tail = self.tail_logprob.to(device) if self.tail_logprob is not None else None
+        return TopKSignal(self.logprobs.to(device), self.indices.to(device), tail)
+
+    def reshape(self, *shape: int) -> "TopKSignal":
+        """Reshape the position dims (k stays last)."""
+        tail = self.tail_logprob.reshape(*shape) if self.tail_logprob is not None else None
+        return TopKSignal(self.logprobs.reshape(*shape, self.k), self.indices.reshape(*shape, self.k), tail)
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> TopKSignal:
@@ -172,15 +193,19 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> To
         raise ValueError(f"k must be an int in [1, {vocab}] (the vocabulary size), got {k!r}")
     lead = teacher_logits.shape[:-1]
     rows = teacher_logits.detach().reshape(-1, vocab)
-    logprobs, indices = [], []
+    logprobs, indices, tails = [], [], []
     with torch.no_grad():
         # A block of rows at a time: the float32 upcast and log-softmax of a (B, T, V)
         # bf16 tensor would otherwise be two more full-size float32 copies.
         for block in rows.split(_TOPK_ROWS_PER_BLOCK):
-            values, ids = F.log_softmax(_upcast(block) / temperature, dim=-1).topk(k, dim=-1)
+            log_probs = F.log_softmax(_upcast(block) / temperature, dim=-1)
+            values, ids = log_probs.topk(k, dim=-1)
             logprobs.append(values)
             indices.append(ids)
-    return TopKSignal(torch.cat(logprobs).reshape(*lead, k), torch.cat(indices).reshape(*lead, k))
+            # The tail mass summed directly over the other tokens (no 1 − Σ cancellation).
+            tails.append(torch.logsumexp(log_probs.scatter(-1, ids, float("-inf")), dim=-1))
+    return TopKSignal(torch.cat(logprobs).reshape(*lead, k), torch.cat(indices).reshape(*lead, k),
+                      torch.cat(tails).reshape(lead))
 
 
 def token_divergence(
@@ -258,7 +283,7 @@ def token_kd_loss(
     flat_mask = mask.reshape(-1)
     student = student_logits.reshape(-1, vocab)
     if isinstance(teacher, TopKSignal):
-        teacher = TopKSignal(teacher.logprobs.reshape(-1, teacher.k), teacher.indices.reshape(-1, teacher.k))
+        teacher = teacher.reshape(-1)
     else:
         teacher = teacher.reshape(-1, vocab)
     n = int(flat_mask.sum())
@@ -310,12 +335,15 @@ def _bucket_log_probs(
 
     indices = teacher.indices.long()
     log_p_top = _upcast(teacher.logprobs.detach()).clamp_min(LOG_PROB_FLOOR)
-    p_tail = (1.0 - log_p_top.exp().sum(-1, keepdim=True)).clamp_min(0.0)
+    if teacher.tail_logprob is not None:
+        log_p_tail = _upcast(teacher.tail_logprob.detach()).unsqueeze(-1).clamp_min(math.log(TAIL_EPS))
+    else:
+        log_p_tail = (1.0 - log_p_top.exp().sum(-1, keepdim=True)).clamp_min(TAIL_EPS).log()
     log_q_top = log_q.gather(-1, indices)
     # Sum the student's tail directly (zero out the top-k, add up the rest): accurate for a
     # small tail, where 1 - sum(q_top) would be mostly rounding error.
     q_tail = log_q.exp().scatter(-1, indices, 0.0).sum(-1, keepdim=True)
-    log_p = torch.cat([log_p_top, p_tail.clamp_min(TAIL_EPS).log()], dim=-1)
+    log_p = torch.cat([log_p_top, log_p_tail], dim=-1)
     log_q = torch.cat([log_q_top, q_tail.clamp_min(TAIL_EPS).log()], dim=-1)
     return log_p, log_q
 
@@ -326,26 +354,8 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(a‖b) = Σ a (log a − log b) over the last dim. Both finite, so an underflowed
-    a = exp(log a) = 0 contributes 0 · finite = 0."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
-
-
 def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, loss_type: str, beta: float) -> torch.Tensor:
-    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0.0):
-        return _kl(log_p, log_q)
-    if loss_type == "reverse_kl" or (loss_type == "jsd" and beta == 1.0):
-        return _kl(log_q, log_p)
-    if loss_type == "jsd":
-        # log m = log(β p + (1 − β) q) = logsumexp([log p + log β, log q + log(1 − β)]),
-        # as TRL computes it; logaddexp is that two-term logsumexp without stacking a
-        # (2, N, V) copy.
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
-    if loss_type == "tvd":
-        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    raise AssertionError(loss_type)  # _check_options ran first
+    return get_divergence(loss_type)(log_p, log_q, beta)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -356,8 +366,8 @@ def _check_temperature(temperature: float) -> None:
 
 
 def _check_options(loss_type: str, temperature: float, beta: float) -> None:
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in DIVERGENCES:
+        raise ValueError(f"loss_type must be one of {tuple(DIVERGENCES)}, got {loss_type!r}")
     _check_temperature(temperature)
     if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")

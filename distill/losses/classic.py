@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .token import token_kd_loss
+
 __all__ = ["forward_kl", "distillation_loss"]
 
 
@@ -52,8 +54,6 @@ def distillation_loss(
     if soft_loss == "forward_kl":
         soft = forward_kl(student_logits, teacher_logits, temperature)
     else:
-        from .llm_losses import token_kd_loss
-
         every_row = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
         soft = token_kd_loss(student_logits, teacher_logits, every_row, soft_loss, temperature, beta)
     if labels is None or alpha >= 1.0 or labels.numel() == 0:
