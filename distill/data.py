@@ -5,6 +5,10 @@
 
 Labels are all-or-nothing within a file. Errors name the 1-based line (the CSV
 header is line 1) and, where there is one, the column.
+
+CSV bodies are parsed vectorized (numpy) when the file is plain; any file that path
+declines (an error, quotes, odd blank lines) goes through the row-by-row parser,
+which is the reference for both values and error messages.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import csv
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import DataError
@@ -48,6 +54,11 @@ class TabularDataset:
         return summary
 
 
+# The smallest magnitude that float32 rounds to infinity: 2**128 - 2**103 (FLT_MAX plus half an ulp,
+# the tie rounding to even, i.e. up). A finite float64 at or beyond it would become inf in the features.
+FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
 def _number(cell: str, line: int, column: str) -> float:
     try:
         value = float(cell)
@@ -55,6 +66,8 @@ def _number(cell: str, line: int, column: str) -> float:
         raise DataError(f"line {line}, column '{column}': {cell!r} is not a number", line=line) from None
     if not math.isfinite(value):
         raise DataError(f"line {line}, column '{column}': {cell!r} is not a finite number", line=line)
+    if abs(value) >= FLOAT32_OVERFLOW:
+        raise DataError(f"line {line}, column '{column}': {cell!r} is too large for a float32 feature", line=line)
     return value
 
 
@@ -72,12 +85,27 @@ def _label(value: object, line: int) -> int:
     return int(value)
 
 
-def _read_csv(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
-    reader = csv.reader(io.StringIO(text))
-    header = next(reader, None)
-    if not header or not any(h.strip() for h in header):
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _csv_header(cells: list[str] | None) -> tuple[list[str], int | None, list[tuple[int, str]]]:
+    """Check the header row (line 1): (column names, index of ``label`` or None, [(index, name)] of features)."""
+    if not cells or not any(h.strip() for h in cells):
         raise DataError("the CSV file is empty; it needs a header row", line=1)
-    header = [h.strip() for h in header]
+    header = [h.strip() for h in cells]
+    if all(not h or _is_number(h) for h in header):
+        example = ",".join(f"f{i}" for i in range(len(header))) if len(header) <= 4 \
+            else f"f0,f1,...,f{len(header) - 1}"
+        raise DataError(
+            "line 1: the first line looks like data (all numbers); a CSV needs a header line naming the "
+            f"columns, e.g. {example} (with the class column, if any, named '{LABEL_COLUMN}')",
+            line=1,
+        )
     if len(set(header)) != len(header):
         duplicate = next(h for h in header if header.count(h) > 1)
         raise DataError(f"line 1: column '{duplicate}' appears twice", line=1)
@@ -85,6 +113,27 @@ def _read_csv(text: str, max_rows: int | None) -> tuple[list[list[float]], list[
     feature_columns = [(i, h) for i, h in enumerate(header) if i != label_index]
     if not feature_columns:
         raise DataError("line 1: the header has no feature columns", line=1)
+    return header, label_index, feature_columns
+
+
+def _read_csv_rows(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
+    """The reference CSV parser: row by row with the csv module; every error names its line (and column).
+
+    Slow (a Python float per cell); ``_read_csv`` tries ``_read_csv_fast`` first and comes here only
+    when that declines, so this one decides every error and every unusual file (quotes, odd blank lines).
+    """
+    reader = csv.reader(io.StringIO(text))
+    try:
+        return _csv_rows(reader, max_rows)
+    except csv.Error as exc:  # e.g. a lone CR inside a line
+        line = max(1, reader.line_num)
+        reason = "a carriage return (CR) inside a line; save the file with LF or CRLF line endings" \
+            if "new-line character" in str(exc) else str(exc)
+        raise DataError(f"line {line}: not valid CSV: {reason}", line=line) from None
+
+
+def _csv_rows(reader, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
+    header, label_index, feature_columns = _csv_header(next(reader, None))
     rows: list[list[float]] = []
     labels: list[int] | None = [] if label_index is not None else None
     for line_index, row in enumerate(reader, start=2):
@@ -98,6 +147,69 @@ def _read_csv(text: str, max_rows: int | None) -> tuple[list[list[float]], list[
         if max_rows is not None and len(rows) > max_rows:
             raise DataError(f"the file has more than {max_rows} rows", line=line_index)
     return rows, labels
+
+
+def _read_csv_fast(text: str, max_rows: int | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Vectorized CSV parsing: (features (N, D) float32, labels (N,) int64 or None), or None to decline.
+
+    The header goes through the csv module and ``_csv_header`` (so its errors are the reference ones); the
+    body through ``numpy.loadtxt`` as float64 (the same correctly rounded conversion as ``float()``), cast
+    to float32. Anything unusual (quotes, lone CRs, an unparsable or non-finite cell, a wrong column count,
+    a bad label, too many rows, no rows) declines, and the row-by-row parser then names the line at fault.
+    """
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+        if "\r" in text:
+            return None  # a lone CR ends a line for the csv module, not here
+    lines = text.split("\n")  # one str per line: no Python objects per cell
+    if '"' in lines[0]:
+        return None  # a quoted header may span lines: leave it to the csv module
+    header, label_index, _ = _csv_header(next(csv.reader(lines[:1]), None))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. "input contained no data": decline
+            # ... but blank lines not counting towards max_rows is what we want (numpy >= 1.23 says so once)
+            warnings.filterwarnings("ignore", message=r"Input line \d+ contained no data", category=UserWarning)
+            data = np.loadtxt(lines[1:], delimiter=",", dtype=np.float64, ndmin=2, comments=None,
+                              quotechar=None, max_rows=None if max_rows is None else max_rows + 1)
+    except Exception:  # noqa: BLE001 - whatever numpy refuses, the reference parser judges
+        return None
+    n, width = data.shape
+    if n == 0 or width != len(header) or (max_rows is not None and n > max_rows):
+        return None
+    if label_index is None:
+        labels = None
+        with np.errstate(over="ignore", invalid="ignore"):
+            features = data.astype(np.float32)
+    else:
+        column = data[:, label_index]
+        if not np.all((column >= 0) & (column < MAX_CLASSES) & (column == np.floor(column))):  # NaN fails too
+            return None
+        labels = column.astype(np.int64)
+        features = np.empty((n, width - 1), dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float32, column blocks either side
+            features[:, :label_index] = data[:, :label_index]
+            features[:, label_index:] = data[:, label_index + 1:]
+    if not np.isfinite(features).all():  # NaN, inf, or beyond the float32 range: let the slow path name it
+        return None
+    return features, labels
+
+
+def _read_csv(text: str, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CSV text as (features (N, D) float32, labels (N,) int64 or None): fast path, else the row-by-row one."""
+    fast = _read_csv_fast(text, max_rows)
+    if fast is not None:
+        features, labels = fast
+        return torch.from_numpy(features), (torch.from_numpy(labels) if labels is not None else None)
+    rows, labels = _read_csv_rows(text, max_rows)
+    return _tensors(rows, labels)
+
+
+def _tensors(rows: list[list[float]], labels: list[int] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if not rows:
+        raise DataError("the file has no data rows")
+    features = torch.tensor(rows, dtype=torch.float32)
+    return features, (torch.tensor(labels, dtype=torch.int64) if labels is not None else None)
 
 
 def _finite(value: object) -> float | None:
@@ -137,6 +249,9 @@ def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], lis
             number = _finite(value)
             if number is None:
                 raise DataError(f"line {line_index}: features[{j}] = {value!r} is not a finite number", line=line_index)
+            if abs(number) >= FLOAT32_OVERFLOW:
+                raise DataError(f"line {line_index}: features[{j}] = {value!r} is too large for a float32 feature",
+                                line=line_index)
             row.append(number)
         has_label = "label" in record and record["label"] is not None
         if labeled is None:
@@ -179,13 +294,14 @@ def load_dataset(path: str | Path, max_rows: int | None = None, format: str | No
     path = Path(path)
     text = read_text(path)
     format = format or detect_format(path, text)
-    rows, labels = (_read_jsonl if format == "jsonl" else _read_csv)(text, max_rows)
-    if not rows:
+    if format == "jsonl":
+        features, label_tensor = _tensors(*_read_jsonl(text, max_rows))
+    else:
+        features, label_tensor = _read_csv(text, max_rows)
+    if len(features) == 0:
         raise DataError("the file has no data rows")
-    if len(rows[0]) > MAX_FEATURES:
+    if features.shape[1] > MAX_FEATURES:
         raise DataError(f"at most {MAX_FEATURES} features per row")
-    features = torch.tensor(rows, dtype=torch.float32)
-    label_tensor = torch.tensor(labels, dtype=torch.int64) if labels is not None else None
     return TabularDataset(features=features, labels=label_tensor, format=format)
 
 
