@@ -1,10 +1,13 @@
-"""Self-describing checkpoints: ``checkpoints/epoch-000012/`` holding
+"""Self-describing step checkpoints: ``checkpoints/step-000123/`` holding
 
-- ``model.safetensors``: the student in the model file format (loadable on its own),
+- ``model.safetensors``: the student's state dict (shared/tied tensors stored once),
 - ``optimizer.safetensors``: the optimizer's tensors, flattened to ``state.{param}.{name}``,
-- ``state.json``: epoch, step, metrics so far, the optimizer's scalar state and the spec.
+- ``rng.safetensors``: the torch RNG states (CPU, and each CUDA device) at that step,
+- ``state.json``: data position (epoch, batch), step, the running epoch loss, the
+  scheduler's state, metrics so far, the optimizer's scalar state and the spec.
 
-Nothing here is pickled, so a checkpoint is as safe to read as a model file.
+Nothing here is pickled, so a checkpoint is as safe to read as a model file. A folder is
+written under a temporary name and renamed, so a crash mid-write leaves no half checkpoint.
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from .models import MLP, load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
 
 __all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint", "CHECKPOINTS_DIR"]
 
 CHECKPOINTS_DIR = "checkpoints"
+PREFIX = "step-"
 
 
 def _split_optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -47,32 +50,51 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def save_checkpoint(out_dir: Path, student: MLP, optimizer: torch.optim.Optimizer, state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/epoch-{epoch:06d}`` atomically (temp folder, then rename); keep the newest ``keep``."""
+def _rng_states() -> dict[str, torch.Tensor]:
+    states = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index in range(torch.cuda.device_count()):
+            states[f"cuda.{index}"] = torch.cuda.get_rng_state(index)
+    return states
+
+
+def _restore_rng(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["cpu"])
+    for key, value in states.items():
+        if key.startswith("cuda.") and torch.cuda.is_available():
+            torch.cuda.set_rng_state(value, int(key.split(".")[1]))
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
+                    keep: int = 2) -> Path:
+    """Write ``checkpoints/step-{step:06d}`` atomically; keep the newest ``keep``."""
     root = Path(out_dir) / CHECKPOINTS_DIR
-    final = root / f"epoch-{state['epoch']:06d}"
+    final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(student, tmp / "model.safetensors")
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
     tensors, rest = _split_optimizer_state(optimizer)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "optimizer": rest}, indent=2))
+    save_file({k: v.contiguous() for k, v in _rng_states().items()}, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": rest}, indent=1))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    for old in sorted(p for p in root.glob("epoch-*") if p.is_dir())[:-keep]:
+    for old in sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    folders = sorted(p for p in (Path(out_dir) / CHECKPOINTS_DIR).glob("epoch-*") if (p / "state.json").exists())
+    folders = sorted(p for p in (Path(out_dir) / CHECKPOINTS_DIR).glob(f"{PREFIX}*") if (p / "state.json").exists())
     return folders[-1] if folders else None
 
 
-def load_checkpoint(folder: Path, student: MLP, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
-    """Restore student weights and optimizer state in place; returns the saved state."""
+def load_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict:
+    """Restore the student, the optimizer and the RNG states in place; returns the saved state."""
     state = json.loads((folder / "state.json").read_text())
-    student.load_state_dict(load_model(folder / "model.safetensors", device).state_dict())
+    load_model(model, str(folder / "model.safetensors"), device=str(device))
     tensors = load_file(str(folder / "optimizer.safetensors"), device=str(device))
     optimizer.load_state_dict(_join_optimizer_state(tensors, state.pop("optimizer")))
+    _restore_rng(load_file(str(folder / "rng.safetensors")))
     return state

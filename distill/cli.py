@@ -1,4 +1,4 @@
-"""``distill run SPEC.json --out DIR``: run a job spec locally, with no service around it."""
+"""``distill run SPEC.json --out DIR``: run a job spec of any task locally, with no service around it."""
 
 from __future__ import annotations
 
@@ -11,15 +11,21 @@ from .errors import DistillError
 from .spec import JobSpec
 from .train import run_distillation
 
+DEFAULT_CHECKPOINT_INTERVAL_S = 60.0  # the service's default (DISTILL_CHECKPOINT_INTERVAL_S)
+
+
+def _format(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
 
 def _print_event(kind: str, data: dict) -> None:
     if kind == "stage":
-        print(f"[stage] {data['stage']}", flush=True)
+        extra = " ".join(f"{k}={v}" for k, v in data.items() if k != "stage")
+        print(f"[stage] {data['stage']}" + (f" {extra}" if extra else ""), flush=True)
     elif kind == "epoch":
-        accuracy = data.get("validation_accuracy")
-        print(f"[epoch {data['epoch']}] train_loss={data['train_loss']:.4f} "
-              f"val_agreement={data['validation_agreement']:.4f}"
-              + (f" val_accuracy={accuracy:.4f}" if accuracy is not None else ""), flush=True)
+        # Every task's record has train_loss and validation_loss; the rest is the task's own.
+        fields = " ".join(f"{k}={_format(v)}" for k, v in data.items() if k not in ("epoch", "step") and v is not None)
+        print(f"[epoch {data['epoch']}] {fields}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", type=Path, required=True, help="output folder (checkpoints/, final/)")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda:N")
     run.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    run.add_argument("--checkpoint-interval", type=float, default=DEFAULT_CHECKPOINT_INTERVAL_S, metavar="SECONDS",
+                     help="write a step checkpoint at most this often (default %(default)s; 0 = every step)")
     run.add_argument("--quiet", action="store_true", help="print only the final evaluation")
     args = parser.parse_args(argv)
+    if args.checkpoint_interval < 0:
+        parser.error("--checkpoint-interval must be >= 0")
 
     try:
         raw = json.loads(args.spec.read_text())
@@ -41,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = JobSpec.from_dict(raw, base_dir=args.spec.parent)
         result = run_distillation(spec, args.out, on_event=None if args.quiet else _print_event,
-                                  device=args.device, resume=args.resume)
+                                  device=args.device, resume=args.resume,
+                                  checkpoint_interval_s=args.checkpoint_interval)
     except DistillError as exc:
         print(f"error [{exc.code}]{f' ({exc.param})' if exc.param else ''}: {exc.message}", file=sys.stderr)
         return 1

@@ -36,6 +36,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import DistillError, ModelFormatError, SpecError, VocabularyMismatch
+from .models import count_parameters
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -60,6 +61,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "voc
                    "spiece.model", "sentencepiece.bpe.model", "merges.txt")
 LAYER_COUNT_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 HIDDEN_SIZE_FIELDS = ("hidden_size", "n_embd", "d_model", "dim")
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length")
 LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
 # Where the block list sits under ``model.base_model`` in the common families.
 KNOWN_LAYER_PATHS = ("layers", "h", "encoder.layer", "transformer.layer", "decoder.layers", "blocks", "layer")
@@ -168,6 +170,11 @@ def _config_value(config: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
+def context_length(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings cover (None if the config doesn't say)."""
+    return _config_value(config, CONTEXT_FIELDS)
+
+
 def layer_count(config: Any) -> int | None:
     """The number of transformer blocks, whatever the family calls the field."""
     return _config_value(config, LAYER_COUNT_FIELDS)
@@ -271,6 +278,7 @@ def inspect_model_dir(path: str | Path, check_tokenizer: bool = True) -> dict:
         "parameters": parameters,
         "task": task,
         "num_labels": getattr(config, "num_labels", None) if task == "text_classification" else None,
+        "context_length": context_length(config),
     }
 
 
@@ -587,6 +595,14 @@ def student_from_config(teacher_config: Any, overrides: dict, task: str) -> nn.M
         raise
     except Exception as exc:  # noqa: BLE001 - config validation errors come in many types
         raise SpecError(f"the student config is invalid: {exc}", param="student.architecture.config") from None
+
+
+def student_parameters_from_config(teacher_dir: str | Path, overrides: dict, task: str) -> int:
+    """Parameters of ``student_from_config(teacher's config, overrides, task)``, counted on the
+    meta device: no memory and no initialisation, so a submit-time size check is cheap."""
+    config = _load_config(_as_dir(teacher_dir))
+    with torch.device("meta"):
+        return count_parameters(student_from_config(config, overrides, task))
 
 
 # --------------------------------------------------------------------------- vocabularies

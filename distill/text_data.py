@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 KINDS = ("text", "prompt_completion", "text_label")
+DEFAULT_MAX_LENGTH = 256  # tokens per sequence when data.max_length is not given (clamped to the models' context)
 MAX_CLASSES = 1 << 16
 _KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "text_label": ("text", "label")}
 

@@ -73,7 +73,7 @@ def test_inspect_describes_gpt2_and_counts_stored_parameters(gpt2_dir, gpt2, tok
         "format": "hf", "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": len(tok),
         "tokenizer_vocab_size": len(tok), "has_tokenizer": True, "has_chat_template": True, "num_layers": 4,
         "hidden_size": 64, "parameters": sum(p.numel() for p in gpt2.parameters()), "task": "causal_lm",
-        "num_labels": None,
+        "num_labels": None, "context_length": gpt2.config.n_positions,
     }
     # the tied lm_head is stored (and counted) once
     assert info["parameters"] < sum(p.numel() for p in gpt2.parameters()) + gpt2.lm_head.weight.numel()

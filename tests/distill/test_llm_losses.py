@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from distill.llm_losses import LOSS_TYPES, TAIL_EPS, TopKSignal, teacher_topk, token_divergence, token_kd_loss
+from distill.losses.token import LOSS_TYPES, TAIL_EPS, TopKSignal, teacher_topk, token_divergence, token_kd_loss
 
 TEMPERATURES = [0.5, 1.0, 2.0, 4.0]
 BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
@@ -269,7 +269,7 @@ def test_chunked_equals_unchunked(loss_type, beta, teacher_kind):
 
 
 def test_chunking_recomputes_under_checkpoint(monkeypatch):
-    import distill.llm_losses as mod
+    import distill.losses.token as mod
 
     calls = []
     original = mod._divergence_sum

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from distill.errors import SpecError
-from distill.spec import Hyperparameters, JobSpec, StudentSpec
+from distill.spec import Hyperparameters, JobSpec, MLPStudentArchitecture
 
 MINIMAL = {
     "teacher": {"path": "teacher.safetensors"},
@@ -24,7 +24,7 @@ def test_minimal_spec_fills_defaults(tmp_path):
     assert spec.task == "classification"
     assert spec.validation_file is None
     assert spec.validation_split == 0.2
-    assert spec.student == StudentSpec(hidden_dims=[16], activation="relu")
+    assert spec.student.architecture == MLPStudentArchitecture(hidden_dims=[16], activation="relu")
     assert spec.hyperparameters == Hyperparameters(temperature=4.0)  # the classification default
     hp = spec.hyperparameters  # the documented defaults
     assert (hp.epochs, hp.temperature, hp.alpha, hp.lr_scheduler) == (20, 4.0, 0.5, "cosine")
@@ -36,7 +36,7 @@ def test_kind_may_be_omitted_and_hyperparameters_are_read(tmp_path):
                  hyperparameters={"epochs": 3, "alpha": 1, "temperature": 2.5, "lr_scheduler": "constant"},
                  validation_split=0.5, metadata={"run": "x"})
     spec = JobSpec.from_dict(data, base_dir=tmp_path)
-    assert spec.student.hidden_dims == [8, 4] and spec.student.activation == "gelu"
+    assert spec.student.architecture.hidden_dims == [8, 4] and spec.student.architecture.activation == "gelu"
     assert spec.hyperparameters.epochs == 3 and spec.hyperparameters.temperature == 2.5
     assert spec.hyperparameters.batch_size == Hyperparameters().batch_size  # untouched fields keep defaults
     assert spec.validation_split == 0.5 and spec.metadata == {"run": "x"}
@@ -118,7 +118,7 @@ def test_invalid_student(tmp_path, architecture, param):
     ({k: v for k, v in MINIMAL.items() if k != "teacher"}, "teacher"),
     ({k: v for k, v in MINIMAL.items() if k != "training_file"}, "training_file"),
     ({k: v for k, v in MINIMAL.items() if k != "student"}, "student"),
-    (_spec(student={"hidden_dims": [4]}), "student"),
+    (_spec(student={"hidden_dims": [4]}), "student.hidden_dims"),
     (_spec(training_file=""), "training_file"),
     (_spec(training_file=3), "training_file"),
     (_spec(task="regression"), "task"),

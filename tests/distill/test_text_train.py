@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 from distill.errors import JobStopped
 from distill.spec import JobSpec
-from distill.text_train import LogitsHead, chunked_lm_loss, run_text_distillation
+from distill.losses import chunked_lm_loss
+from distill.recipes._text import LogitsHead
+from distill.train import run_distillation
 from tests.distill.hf_factories import SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, synthetic_language, tiny_gpt2
 
 
@@ -66,23 +68,23 @@ def test_teacher_with_padded_vocabulary_is_aligned(tmp_path, tokenizer):
     padded = tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer) + 17)
     teacher_dir = save_model_dir(padded, tokenizer, tmp_path / "teacher")
     for extra in ({}, {"teacher_signal": {"top_k": 5}}):
-        result = run_text_distillation(_job(tmp_path, teacher_dir, **extra), tmp_path / "out", device="cpu")
-        assert result["evaluation"]["teacher"]["perplexity"] > 1
-        assert 0 <= result["evaluation"]["top1_agreement"] <= 1
-        assert (result["model_path"] / "config.json").exists() and (result["model_path"] / "README.md").exists()
+        result = run_distillation(_job(tmp_path, teacher_dir, **extra), tmp_path / "out", device="cpu")
+        assert result.evaluation["teacher"]["perplexity"] > 1
+        assert 0 <= result.evaluation["top1_agreement"] <= 1
+        assert (result.model_path / "config.json").exists() and (result.model_path / "README.md").exists()
 
 
 def test_should_stop_stops_the_loop(tmp_path, tokenizer):
     teacher_dir = save_model_dir(tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, tmp_path / "t")
     events = []
     with pytest.raises(JobStopped):
-        run_text_distillation(_job(tmp_path, teacher_dir), tmp_path / "out", on_event=lambda k, d: events.append(k),
+        run_distillation(_job(tmp_path, teacher_dir), tmp_path / "out", on_event=lambda k, d: events.append(k),
                               should_stop=lambda: True, device="cpu")
     assert "stage" in events and "epoch" not in events
 
 
 def test_loss_chunks_are_sized_by_vocabulary():
-    from distill.text_train import LOSS_CHUNK_FLOATS, loss_chunk_rows
+    from distill.losses.chunked import LOSS_CHUNK_FLOATS, loss_chunk_rows
 
     assert loss_chunk_rows(32_000) == 512 and loss_chunk_rows(128_000) < loss_chunk_rows(32_000)
     for vocab in (50, 8_192, 32_000, 151_936, 262_144):
@@ -102,8 +104,8 @@ def test_sequence_kd_works_across_tokenizers(tmp_path, tokenizer):
     spec = _job(tmp_path, teacher_dir, method="sequence", student={"path": str(student_dir)},
                 generation={"max_new_tokens": 6, "temperature": 0.8})
     spec.training_file = tmp_path / "prompts.jsonl"
-    result = run_text_distillation(spec, tmp_path / "out", device="cpu")
-    generated = [json.loads(line) for line in result["generated_path"].read_text().splitlines()]
+    result = run_distillation(spec, tmp_path / "out", device="cpu")
+    generated = [json.loads(line) for line in result.generated_path.read_text().splitlines()]
     assert generated and {g["prompt"] for g in generated} <= {p["prompt"] for p in prompts}
-    assert result["evaluation"]["top1_agreement"] is None  # no shared vocabulary to compare on
-    assert result["architecture"]["vocab_size"] == len(other)
+    assert result.evaluation["top1_agreement"] is None  # no shared vocabulary to compare on
+    assert result.architecture["vocab_size"] == len(other)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import distill.evaluate
+import distill.kinds.mlp
 import distill.train
 from distill.checkpoint import latest_checkpoint
 from distill.errors import JobStopped, MismatchError
@@ -57,8 +58,9 @@ def test_result_file_loads_and_matches_student_architecture(main_run, workspace,
     x, _ = problem.make(5, seed=99)
     with torch.no_grad():
         assert model(x).shape == (5, NUM_CLASSES)
-    state = json.loads((out / "final" / "state.json").read_text())
-    assert state["epoch"] == MAIN_EPOCHS and len(state["history"]) == MAIN_EPOCHS
+    state = json.loads((out / "final" / "distill_state.json").read_text())
+    assert len(state["history"]) == MAIN_EPOCHS and state["history"][-1]["epoch"] == MAIN_EPOCHS
+    assert str(workspace.root) not in json.dumps(state)  # files by name, no server paths
     assert result.device == "cpu"
 
 
@@ -98,12 +100,14 @@ def test_events_stages_in_order_and_one_epoch_event_per_epoch(main_run):
     kinds = [k for k, _ in recorder.events]
     # every epoch event falls between the 'training' and 'evaluating' stage events
     training_at = recorder.events.index(("stage", {"stage": "training", "epochs": MAIN_EPOCHS,
-                                                  "total_steps": MAIN_EPOCHS * STEPS_PER_EPOCH}))
+                                                  "total_steps": MAIN_EPOCHS * STEPS_PER_EPOCH,
+                                                  "steps_per_epoch": STEPS_PER_EPOCH}))
     evaluating_at = kinds.index("stage", training_at + 1)
     assert all(training_at < i < evaluating_at for i, (k, _) in enumerate(recorder.events) if k == "epoch")
     for e in epochs:
         assert e["step"] == STEPS_PER_EPOCH * e["epoch"]
-        for key in ("train_loss", "learning_rate", "validation_loss", "validation_agreement", "validation_accuracy"):
+        for key in ("train_loss", "learning_rate", "validation_loss", "validation_agreement", "validation_accuracy",
+                    "skipped_batches"):
             assert key in e
     # the loss went down over the run
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
@@ -113,7 +117,7 @@ def test_teacher_runs_once_per_row_for_the_whole_job(workspace, tmp_path, monkey
     """Count the rows that pass through the loaded teacher's forward, per stage."""
     recorder = Recorder()
     teachers = []
-    real_load_model = distill.train.load_model
+    real_load_model = distill.kinds.mlp.load_model
 
     def load_model_and_hook(path, device="cpu"):
         model = real_load_model(path, device)
@@ -124,7 +128,7 @@ def test_teacher_runs_once_per_row_for_the_whole_job(workspace, tmp_path, monkey
 
     rows: list[tuple[str, int]] = []
     spec = _spec(workspace, hyperparameters={"epochs": 3})
-    monkeypatch.setattr(distill.train, "load_model", load_model_and_hook)
+    monkeypatch.setattr(distill.kinds.mlp, "load_model", load_model_and_hook)
     # The evaluation's latency benchmark times extra teacher forwards on the validation rows; that is a
     # benchmark, not inference, so stub it here to count only the forwards that produce logits.
     monkeypatch.setattr(distill.evaluate, "measure_latency", lambda *args, **kwargs: 1.0)
@@ -187,36 +191,37 @@ def test_labeled_training_file_without_validation_file(workspace, tmp_path, prob
 
 def test_resume_continues_and_matches_uninterrupted_run(workspace, tmp_path, fast_latency):
     spec = _spec(workspace, hyperparameters={"epochs": 4})
+    stop_after = 2 * STEPS_PER_EPOCH + 1  # mid-epoch 3: resume must continue at the next batch, not the next epoch
 
-    # 1. interrupted: stop once epoch 2 has been reported (its checkpoint is written right after)
+    # 1. interrupted: should_stop is polled once per optimizer step; stopping writes a checkpoint first
     interrupted = tmp_path / "interrupted"
     recorder = Recorder()
+    # the first poll after epoch 2's record comes after the first step of epoch 3
     with pytest.raises(JobStopped):
-        distill.train.run_distillation(spec, interrupted, on_event=recorder, device="cpu", checkpoint_interval_s=0,
-                                       should_stop=lambda: any(e["epoch"] >= 2 for e in recorder.of("epoch")))
+        distill.train.run_distillation(spec, interrupted, on_event=recorder, device="cpu", checkpoint_interval_s=3600,
+                                       should_stop=lambda: len(recorder.of("epoch")) >= 2)
     assert [e["epoch"] for e in recorder.of("epoch")] == [1, 2]
-    assert latest_checkpoint(interrupted).name == "epoch-000002"
+    assert latest_checkpoint(interrupted).name == f"step-{stop_after:06d}"
 
     # 2. resumed
     resumed_events = Recorder()
     resumed = distill.train.run_distillation(spec, interrupted, on_event=resumed_events, device="cpu",
                                              checkpoint_interval_s=0, resume=True)
     resumed_stage = [d for d in resumed_events.of("stage") if d["stage"] == "resumed"]
-    assert len(resumed_stage) == 1 and resumed_stage[0]["epoch"] == 2 and resumed_stage[0]["step"] == 2 * STEPS_PER_EPOCH
+    assert len(resumed_stage) == 1 and resumed_stage[0]["epoch"] == 3 and resumed_stage[0]["step"] == stop_after
     assert resumed_events.stages().index("resumed") < resumed_events.stages().index("training")
     assert [e["epoch"] for e in resumed_events.of("epoch")] == [3, 4]
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
 
-    # 3. uninterrupted, same seed
+    # 3. uninterrupted, same seed: identical on CPU, bit for bit
     straight = distill.train.run_distillation(spec, tmp_path / "straight", device="cpu", checkpoint_interval_s=0)
 
     resumed_state = load_model(resumed.model_path).state_dict()
     straight_state = load_model(straight.model_path).state_dict()
     assert resumed_state.keys() == straight_state.keys()
     for name in straight_state:
-        assert torch.allclose(resumed_state[name], straight_state[name], rtol=1e-5, atol=1e-6), name
-    for a, b in zip(resumed.history, straight.history):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert torch.equal(resumed_state[name], straight_state[name]), name
+    assert resumed.history == straight.history
 
 
 def test_resume_without_checkpoint_starts_fresh(workspace, tmp_path, fast_latency):

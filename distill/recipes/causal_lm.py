@@ -1,0 +1,119 @@
+"""Causal LM, token-level KD: the student matches the teacher's next-token distributions.
+
+    load teacher + tokenizer → student (pretrained / config / derived layers) → one
+    vocabulary (a padded teacher head is cut to the tokenizer) → tokenize (max_length ≤
+    context) → [top-k teacher signal: the teacher runs once, stored] → train on
+    alpha · T² · divergence(teacher ‖ student) + (1 − alpha) · CE(next token)
+    → evaluate (perplexity, agreement, KL, tokens/s) → export a HF directory + model card
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import MismatchError
+from ..hf import shared_vocab_size
+from ..losses import TopKSignal, chunked_lm_loss, shifted, teacher_topk
+from ..text_data import tokenize_for_lm
+from ._text import CausalLMBase, LogitsHead, check_kind, lm_metrics, load_splits, resolve_max_length, vocab_rows
+from .base import Export, Recipe, register
+
+TEACHER_SIGNAL_MAX_BYTES = 2 << 30  # a precomputed top-k signal above this is refused, never silently dropped
+SIGNAL_POSITIONS_PER_PASS = 64  # teacher head applied to (b, 64, V) at a time while the signal is built
+
+
+@torch.no_grad()
+def precompute_topk(teacher: LogitsHead, tokens: dict, k: int, temperature: float, shared: int,
+                    device: torch.device, batch_size: int, check_stop=None) -> TopKSignal:
+    """Teacher inference once: top-k log-probs (float32), ids (int32) and the tail mass
+    (float32) for every position, stored on the CPU: (N, L, k), (N, L, k), (N, L)."""
+    n, length = tokens["input_ids"].shape
+    logprobs = torch.empty(n, length, k, dtype=torch.float32)
+    indices = torch.empty(n, length, k, dtype=torch.int32)
+    tails = torch.empty(n, length, dtype=torch.float32)
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        hidden = teacher.body(tokens["input_ids"][rows].to(device), tokens["attention_mask"][rows].to(device))
+        for offset in range(0, hidden.shape[1], SIGNAL_POSITIONS_PER_PASS):
+            cols = slice(offset, offset + SIGNAL_POSITIONS_PER_PASS)
+            logits = teacher.head(hidden[:, cols])[..., :shared].float()
+            signal = teacher_topk(logits, k, temperature)
+            logprobs[rows, cols] = signal.logprobs.cpu()
+            indices[rows, cols] = signal.indices.int().cpu()
+            tails[rows, cols] = signal.tail_logprob.cpu()
+        if check_stop is not None:
+            check_stop("running the teacher")
+    return TopKSignal(logprobs=logprobs, indices=indices, tail_logprob=tails)
+
+
+@register("causal_lm", "token")
+class CausalLMToken(CausalLMBase, Recipe):
+    def prepare(self) -> None:
+        spec, hp = self.spec, self.hp
+        self.load_models()
+        kind, training, self.val_kind, self.validation = load_splits(spec)
+        check_kind(spec.task, kind)
+        check_kind(spec.task, self.val_kind, "validation_file")
+        self.shared = shared_vocab_size(self.teacher_tokenizer, self.tokenizer, vocab_rows(self.teacher_model),
+                                        vocab_rows(self.model))
+        max_length = resolve_max_length(spec, self.teacher_model, self.model)
+        self.tokens = tokenize_for_lm(kind, training, self.tokenizer, max_length, spec.data.packing)
+        self.val_tokens = tokenize_for_lm(self.val_kind, self.validation, self.tokenizer, max_length,
+                                          spec.data.packing)
+        self.heads(self.tokens, with_teacher=True)
+        self.before = lm_metrics(None, self.student, self.val_tokens, self.shared, self.device, hp.batch_size)
+        self.signal = self.teacher_signal() if spec.teacher_signal.top_k is not None else None
+        self.num_examples = self.tokens["input_ids"].shape[0]
+
+    def teacher_signal(self) -> TopKSignal:
+        n, length = self.tokens["input_ids"].shape
+        k = min(self.spec.teacher_signal.top_k, self.shared)
+        bytes_per_token = 8 * k + 4
+        size = n * length * bytes_per_token
+        if size > TEACHER_SIGNAL_MAX_BYTES:
+            raise MismatchError(f"a top-{k} teacher signal for {n * length} token positions needs {size} bytes "
+                                f"({bytes_per_token} per token), over the {TEACHER_SIGNAL_MAX_BYTES}-byte limit; "
+                                "use a smaller teacher_signal.top_k, less data, or leave top_k out to run the "
+                                "teacher alongside training (the full-vocabulary loss)", param="teacher_signal.top_k")
+        self.ctx.stage("teacher_inference", rows=n, top_k=k)
+        signal = precompute_topk(self.teacher, self.tokens, k, self.hp.temperature, self.shared, self.device,
+                                 self.hp.batch_size, self.ctx.check_stop)
+        self.ctx.on_event("teacher_signal", {"top_k": k, "positions": n * length, "bytes": size,
+                                             "bytes_per_token": bytes_per_token})
+        return signal
+
+    def batch_loss(self, indices: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        hp, spec, device = self.hp, self.spec, self.device
+        select_cpu = self.tokens["loss_mask"][indices]
+        count = int(select_cpu[:, 1:].sum())  # target tokens, from the CPU copy: no device sync
+        if count == 0:
+            return None, 0
+        ids = self.tokens["input_ids"][indices].to(device)  # (B, L)
+        mask = self.tokens["attention_mask"][indices].to(device)
+        select = select_cpu.to(device)
+        states, targets = shifted(self.student.body(ids, mask), ids, select)  # (N, H), (N,)
+        if self.signal is not None:
+            teacher_side = self.signal[indices][:, :-1][select_cpu[:, 1:]].to(device)
+        else:
+            with torch.no_grad():
+                teacher_side = (self.teacher.head, shifted(self.teacher.body(ids, mask), ids, select)[0])
+        kd, ce = chunked_lm_loss(self.student.head, states, targets, teacher_side, self.shared, spec.loss.type,
+                                 hp.temperature, spec.loss.beta, need_ce=hp.alpha < 1)
+        return (hp.alpha * hp.temperature**2 * kd + (1 - hp.alpha) * ce) / count, count
+
+    def validate(self) -> dict:
+        hp, loss = self.hp, self.spec.loss
+        objective = {"loss_type": loss.type, "temperature": hp.temperature, "beta": loss.beta, "alpha": hp.alpha}
+        metrics = lm_metrics(self.teacher, self.student, self.val_tokens, self.shared, self.device, hp.batch_size,
+                             objective=objective)
+        return {"validation_loss": metrics["loss"], "validation_perplexity": metrics["student_perplexity"],
+                "validation_top1_agreement": metrics["top1_agreement"],
+                "validation_kl_teacher_student": metrics["kl_teacher_student"]}
+
+    def evaluate(self) -> dict:
+        return self.lm_evaluation()
+
+    def export(self, folder: Path, evaluation: dict, history: list[dict]) -> Export:
+        return self.hf_export(folder, evaluation, history)
