@@ -22,7 +22,13 @@ class Settings(BaseSettings):
     broker_url: str = "filesystem://"
     """Celery broker; the embedded default is a durable on-disk queue under var/broker."""
     artifacts_dir: Path = Path("./var/artifacts")
-    """Where uploads, checkpoints and students are stored (shared by API and workers)."""
+    """Where uploads and finished models are stored (LocalStorage's root; shared by API and workers)."""
+    work_dir: Path | None = None
+    """Local scratch folder (DISTILL_WORK_DIR) where a worker writes a job's checkpoints and outputs,
+    as <work_dir>/jobs/<job_id>, before handing finished artifacts to storage; the API unpacks
+    uploaded archives under <work_dir>/tmp. Best on fast local disk, and on the artifacts' filesystem
+    when storage is local (hand-over is then a rename). Unset: the artifacts folder itself, so jobs
+    work in <artifacts_dir>/jobs/<job_id> as they always have."""
     queue: str = "distill"
     """Celery queue the API publishes to and workers consume."""
     device: str = "auto"

@@ -22,6 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from distill.spec import error_param
+
 __all__ = ["ApiError", "BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unprocessable", "Unavailable",
            "install_error_handlers", "problem_response"]
 
@@ -72,19 +74,9 @@ def problem_response(status: int, code: str, detail: str, instance: str, param: 
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
-# Tagged unions put the tag in the error location (student.architecture.mlp.hidden_dims);
-# the field the user wrote has no such segment.
-UNION_TAGS = {"architecture": {"mlp", "hf"}}
-
-
-def _location(loc: tuple) -> str:
-    """('body', 'hyperparameters', 'epochs') -> 'hyperparameters.epochs'; list indexes as [i]."""
-    parts = [p for p in loc if p not in ("body", "query", "path", "form", "header")]
-    parts = [p for i, p in enumerate(parts) if not (i and p in UNION_TAGS.get(parts[i - 1], ()))]
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or str(loc[0] if loc else "body")
+def _location(error: dict) -> str:
+    """('body', 'hyperparameters', 'epochs') -> 'hyperparameters.epochs' (the field as the user wrote it)."""
+    return error_param(error) or str(error["loc"][0] if error["loc"] else "body")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -94,7 +86,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        errors = [{"param": _location(tuple(e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        errors = [{"param": _location(e), "message": e["msg"]} for e in exc.errors()]
         first = errors[0] if errors else {"param": None, "message": "invalid request"}
         detail = "; ".join(f"{e['param']}: {e['message']}" for e in errors[:5])
         return problem_response(422, "invalid_request", detail, request.url.path, first["param"], errors=errors)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
-from distill.models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH
-from distill.spec import DEFAULT_TEMPERATURE, MAX_BATCH_SIZE, MAX_EPOCHS
+from distill.spec import JobOptions, StudentForms, check_student_for_task
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FilePurpose = Literal["dataset", "model"]
-Activation = Literal[tuple(sorted(ACTIVATIONS))]  # type: ignore[valid-type]
 
 
 class Strict(BaseModel):
@@ -49,9 +47,11 @@ class Deleted(BaseModel):
 # ---- jobs --------------------------------------------------------------------------------------------------
 
 class TeacherRef(Strict):
-    file_id: str | None = Field(None, description="An uploaded model file or archive (purpose=model)")
-    model_id: str | None = Field(None, description="A finished model of this service")
-    path: str | None = Field(None, description="A server-side model directory under DISTILL_MODELS_DIR")
+    file_id: str | None = Field(None, min_length=1, max_length=64,
+                                description="An uploaded model file or archive (purpose=model)")
+    model_id: str | None = Field(None, min_length=1, max_length=64, description="A finished model of this service")
+    path: str | None = Field(None, min_length=1, max_length=1024,
+                             description="A server-side model directory under DISTILL_MODELS_DIR")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "TeacherRef":
@@ -60,109 +60,39 @@ class TeacherRef(Strict):
         return self
 
 
-class StudentArchitecture(Strict):
-    kind: Literal["mlp"] = "mlp"
-    hidden_dims: list[int] = Field(..., max_length=MAX_HIDDEN_LAYERS,
-                                   description="Hidden widths; input_dim and num_classes come from the teacher")
-    activation: Activation = "relu"
+class StudentRef(StudentForms):
+    """The student: an architecture, layers derived from the teacher, or a pretrained model
+    (``file_id``/``model_id``/``path``). The forms without a file are declared in distill/spec.py."""
 
-    @field_validator("hidden_dims")
-    @classmethod
-    def _widths(cls, widths: list[int]) -> list[int]:
-        for i, width in enumerate(widths):
-            if not 1 <= width <= MAX_LAYER_WIDTH:
-                raise ValueError(f"hidden_dims[{i}] must be in [1, {MAX_LAYER_WIDTH}]")
-        return widths
+    file_id: str | None = Field(None, min_length=1, max_length=64,
+                                description="A smaller pretrained model (uploaded archive)")
+    model_id: str | None = Field(None, min_length=1, max_length=64, description="A finished model of this service")
+    path: str | None = Field(None, min_length=1, max_length=1024,
+                             description="A server-side model directory under DISTILL_MODELS_DIR")
 
-
-class HFStudentArchitecture(Strict):
-    kind: Literal["hf"]
-    config: dict[str, Any] = Field(default_factory=dict,
-                                   description="Overrides of the teacher's config (same family, fresh weights)")
+    def reference(self) -> dict | None:
+        """{"file_id"|"model_id"|"path": ...} when the student is a model to load, else None."""
+        refs = {k: getattr(self, k) for k in ("file_id", "model_id", "path") if getattr(self, k) is not None}
+        return refs or None
 
 
-class DeriveStudent(Strict):
-    num_layers: int | None = Field(None, ge=1, le=1024, description="k layers evenly spaced over the teacher's")
-    layers: list[int] | None = Field(None, min_length=1, max_length=1024, description="teacher layer indices")
+class JobCreate(JobOptions):
+    """A job: where the teacher, student and data come from (by id), plus the options every
+    job spec has (task, method, hyperparameters, loss, ...), declared once in distill/spec.py."""
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "DeriveStudent":
-        if (self.num_layers is None) == (self.layers is None):
-            raise ValueError("give exactly one of num_layers or layers")
-        return self
-
-
-
-class StudentRef(Strict):
-    architecture: StudentArchitecture | HFStudentArchitecture | None = Field(None, discriminator="kind")
-    derive: DeriveStudent | None = Field(None, description="Initialise from the teacher's embeddings, layers, head")
-    file_id: str | None = Field(None, description="A smaller pretrained model (uploaded archive)")
-    model_id: str | None = Field(None, description="A finished model of this service")
-    path: str | None = Field(None, description="A server-side model directory under DISTILL_MODELS_DIR")
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "StudentRef":
-        given = [n for n in ("architecture", "derive", "file_id", "model_id", "path") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of architecture, derive, file_id, model_id or path")
-        return self
-
-
-class HyperparametersIn(Strict):
-    epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
-    batch_size: int = Field(64, ge=1, le=MAX_BATCH_SIZE)
-    learning_rate: float = Field(1e-3, gt=0, le=10)
-    temperature: float | None = Field(None, gt=0, le=1000,
-                                      description="Default by task: 4.0 classification, 2.0 text_classification, "
-                                                  "1.0 causal_lm")
-    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the soft-target loss; 1-alpha on labels, if any")
-    seed: int = Field(0, ge=0, le=2**63 - 1)
-    weight_decay: float = Field(0.0, ge=0, le=10)
-    lr_scheduler: Literal["cosine", "constant"] = "cosine"
-    max_grad_norm: float = Field(1.0, ge=0, le=1e6, description="Clipping for transformer students; 0 = off")
-
-
-class LossIn(Strict):
-    type: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = "forward_kl"
-    beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL")
-
-
-class TeacherSignalIn(Strict):
-    top_k: int | None = Field(None, ge=1, le=1 << 20, description="Use only the teacher's top-k per position")
-
-
-class GenerationIn(Strict):
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=16)
-
-
-class DataIn(Strict):
-    max_length: int = Field(256, ge=8, le=32768, description="Tokens per training sequence")
-    packing: bool = Field(True, description="Pack plain-text documents into full blocks")
-
-
-class JobCreate(Strict):
-    task: Literal["classification", "causal_lm", "text_classification"] = "classification"
     teacher: TeacherRef
     student: StudentRef
-    training_file: str = Field(..., description="Dataset file id: the transfer set (labels optional)")
-    validation_file: str | None = Field(None, description="Dataset file id; else validation_split is held out")
-    validation_split: float = Field(0.2, gt=0, le=0.9)
-    hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    method: Literal["token", "sequence"] = Field("token", description="sequence: train on teacher-generated text")
-    loss: LossIn = Field(default_factory=LossIn)
-    teacher_signal: TeacherSignalIn = Field(default_factory=TeacherSignalIn)
-    generation: GenerationIn = Field(default_factory=GenerationIn)
-    data: DataIn = Field(default_factory=DataIn)
+    training_file: str = Field(..., min_length=1, max_length=64,
+                               description="Dataset file id: the transfer set (labels optional)")
+    validation_file: str | None = Field(None, min_length=1, max_length=64,
+                                        description="Dataset file id; else validation_split is held out")
 
-    @model_validator(mode="after")
-    def _task_defaults(self) -> "JobCreate":
-        if self.hyperparameters.temperature is None:
-            self.hyperparameters.temperature = DEFAULT_TEMPERATURE[self.task]
-        return self
+    @field_validator("student")
+    @classmethod
+    def _student_fits_task(cls, student: StudentRef, info: ValidationInfo) -> StudentRef:
+        if "task" in info.data:  # fields validate in order: task (JobOptions) comes first
+            check_student_for_task(info.data["task"], student)
+        return student
 
     @field_validator("metadata")
     @classmethod

@@ -40,6 +40,7 @@ class FileRecord(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(512))
     details: Mapped[dict] = mapped_column(JSON, default=dict)  # what validation learnt: rows, features, architecture
+    kind: Mapped[str | None] = mapped_column(String(16), nullable=True)  # model files: distill.kinds name
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
 
 
@@ -85,6 +86,7 @@ class ModelRecord(Base):
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
     job_id: Mapped[str | None] = mapped_column(String(64), ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
     task: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16), default="mlp")  # distill.kinds name: mlp | hf
     architecture: Mapped[dict] = mapped_column(JSON)
     parameters: Mapped[int] = mapped_column(BigInteger)
     size_bytes: Mapped[int] = mapped_column(BigInteger)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 import time
 
 import torch
@@ -17,6 +19,32 @@ def _language_model(record: ModelRecord):
     if record.task != "causal_lm":
         raise Unprocessable(f"model {record.id!r} is a {record.task} model, not a language model", param="model")
     return model_cache().get(record)
+
+
+# Seeded generations run one at a time across all models: fork_rng saves and restores the
+# process-wide generators, so two overlapping seeded runs would sample from (and leave behind)
+# each other's seeds. Unseeded runs take no lock; their randomness is not meant to repeat.
+_seeded = threading.Lock()
+
+
+@contextlib.contextmanager
+def _seeded_rng(seed: int | None, device: torch.device):
+    """Seed sampling on ``device`` for the block, then put the process's RNG state back.
+
+    HF ``generate`` takes no ``torch.Generator``, so it samples from the default generators:
+    those of the CPU and of the model's CUDA device are saved, seeded and restored. Seeding
+    them one by one (not ``torch.manual_seed``) leaves other GPUs alone and queues no seed
+    for a CUDA that is not initialised yet. Without a seed nothing is touched."""
+    if seed is None:
+        yield
+        return
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
+    with _seeded, torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -35,9 +63,7 @@ def _generate(record: ModelRecord, prompt_ids: list[int], request) -> tuple[list
     if room is not None and len(prompt_ids) + request.max_tokens > room:
         raise Unprocessable(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                             f"model's context of {room} tokens", param="max_tokens")
-    with lock, torch.no_grad():
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
+    with lock, torch.no_grad(), _seeded_rng(request.seed, device):
         output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens,
                                 do_sample=sample, temperature=request.temperature if sample else None,
                                 top_p=request.top_p if sample else None, num_return_sequences=request.n,

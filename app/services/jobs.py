@@ -10,8 +10,9 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from distill.errors import DistillError
-from distill.hf import load_tokenizer, shared_vocab_size
+from distill.hf import CONTEXT_FIELDS, load_tokenizer, shared_vocab_size, student_parameters_from_config
 from distill.models import MLPArchitecture
+from distill.text_data import DEFAULT_MAX_LENGTH
 
 from ..config import get_settings
 from ..errors import Conflict, NotFound, Unavailable, Unprocessable
@@ -28,13 +29,23 @@ FINISHED = ("succeeded", "failed", "cancelled")
 TEXT_KINDS = {"causal_lm": ("text", "prompt_completion"), "text_classification": ("text_label",)}
 
 
+def _check_teacher_task(body: JobCreate, teacher: ModelRef) -> None:
+    if teacher.task != body.task:
+        found = f"a {teacher.task} model" if teacher.task else "a model with no task this service runs"
+        raise Unprocessable(f"task {body.task!r} needs a {body.task} teacher; this teacher is {found} "
+                            f"(kind {teacher.kind!r})", param="teacher")
+
+
+def _check_labels(param: str, details: dict, num_classes: int | None) -> None:
+    """Labels in a dataset must be classes the teacher has (0..num_classes-1)."""
+    biggest = details["max_label"] if "max_label" in details else \
+        details["num_labels"] - 1 if details.get("num_labels") else None
+    if biggest is not None and num_classes is not None and biggest >= num_classes:
+        raise Unprocessable(f"{param} has label {biggest} but the teacher has {num_classes} classes "
+                            f"(labels 0..{num_classes - 1})", param=param, code="mismatch")
+
+
 def _check_tabular(session: Session, tenant: str, body: JobCreate, teacher: ModelRef) -> None:
-    if teacher.kind != "mlp":
-        raise Unprocessable("task 'classification' needs an MLP teacher (a .safetensors model file); this teacher is "
-                            "a transformers model: use task 'causal_lm' or 'text_classification'", param="teacher")
-    if body.student.architecture is None or body.student.architecture.kind != "mlp":
-        raise Unprocessable("task 'classification' needs an MLP student: {\"architecture\": {\"kind\": \"mlp\", "
-                            "\"hidden_dims\": [...]}}", param="student")
     architecture = MLPArchitecture.from_dict(teacher.details["architecture"])
     for param, file_id in _dataset_refs(body):
         details = resolve_dataset(session, tenant, file_id, param).details
@@ -44,38 +55,92 @@ def _check_tabular(session: Session, tenant: str, body: JobCreate, teacher: Mode
         if details["num_features"] != architecture.input_dim:
             raise Unprocessable(f"{param} has {details['num_features']} features per row but the teacher takes "
                                 f"{architecture.input_dim}", param=param, code="mismatch")
+        _check_labels(param, details, architecture.num_classes)
     student = MLPArchitecture(input_dim=architecture.input_dim, num_classes=architecture.num_classes,
                               hidden_dims=body.student.architecture.hidden_dims)
+    _check_size(student.num_parameters, "student.architecture.hidden_dims")
+
+
+def _check_size(parameters: int, param: str) -> None:
     limit = get_settings().max_student_parameters
-    if student.num_parameters > limit:
-        raise Unprocessable(f"the student would have {student.num_parameters} parameters; the limit is {limit}",
-                            param="student.architecture.hidden_dims")
+    if parameters > limit:
+        raise Unprocessable(f"the student would have {parameters} parameters; the limit is {limit} "
+                            "(DISTILL_MAX_STUDENT_PARAMETERS)", param=param)
 
 
 def _check_text(session: Session, tenant: str, body: JobCreate, teacher: ModelRef) -> None:
     task = body.task
-    if teacher.kind != "hf" or teacher.details.get("task") != task:
-        found = teacher.details.get("task") or ("an MLP" if teacher.kind == "mlp" else "an unknown kind of model")
-        raise Unprocessable(f"task {task!r} needs a transformers {task} teacher; this teacher is {found}",
-                            param="teacher")
-    if body.method == "sequence" and task != "causal_lm":
-        raise Unprocessable("method 'sequence' is for task 'causal_lm'", param="method")
-    if body.student.architecture is not None and body.student.architecture.kind == "mlp":
-        raise Unprocessable("an MLP student is for task 'classification'; use file_id, model_id, path, "
-                            "{\"architecture\": {\"kind\": \"hf\", \"config\": {...}}} or derive", param="student")
     for param, file_id in _dataset_refs(body):
-        kind = resolve_dataset(session, tenant, file_id, param).details.get("kind")
+        details = resolve_dataset(session, tenant, file_id, param).details
+        kind = details.get("kind")
         if kind not in TEXT_KINDS[task]:
             raise Unprocessable(f"task {task!r} needs {' or '.join(TEXT_KINDS[task])} records; {param} holds "
                                 f"{kind or 'numeric features'}", param=param, code="mismatch")
-    student = body.student
-    refs = {k: getattr(student, k) for k in ("file_id", "model_id", "path") if getattr(student, k) is not None}
-    if refs:
-        pretrained = resolve_model(session, tenant, refs, "student")
-        if pretrained.kind != "hf" or pretrained.details.get("task") != task:
+        if task == "text_classification":
+            _check_labels(param, details, teacher.details.get("num_labels"))
+    contexts = [("teacher", teacher.model_kind.context_length(teacher.details))]
+    reference = body.student.reference()
+    if reference is not None:
+        pretrained = resolve_model(session, tenant, reference, "student")
+        if pretrained.task != task:
             raise Unprocessable(f"the student must be a transformers {task} model", param="student")
+        _check_size(pretrained.details.get("parameters") or 0, "student")
         if task == "causal_lm" and body.method == "token":
             _check_vocabulary(teacher, pretrained)
+        contexts.append(("student", pretrained.model_kind.context_length(pretrained.details)))
+    elif body.student.derive is not None:
+        _check_derive(body, teacher)
+    else:
+        overrides = body.student.architecture.config
+        contexts.append(("student", _config_context(overrides)))
+        _check_size(_config_parameters(teacher, overrides, task), "student.architecture.config")
+    _check_lengths(body, teacher, contexts)
+
+
+def _check_derive(body: JobCreate, teacher: ModelRef) -> None:
+    depth = teacher.details.get("num_layers")
+    derive = body.student.derive
+    if depth is None:
+        return
+    if derive.num_layers is not None and derive.num_layers > depth:
+        raise Unprocessable(f"student.derive.num_layers is {derive.num_layers} but the teacher has {depth} layers",
+                            param="student.derive.num_layers")
+    if derive.layers is not None:
+        for i, layer in enumerate(derive.layers):
+            if layer >= depth:
+                raise Unprocessable(f"student.derive.layers[{i}] is {layer} but the teacher has {depth} layers "
+                                    f"(0..{depth - 1})", param=f"student.derive.layers[{i}]")
+    kept = derive.num_layers or len(derive.layers)
+    _check_size(_config_parameters(teacher, {"num_hidden_layers": kept}, body.task), "student.derive")
+
+
+def _config_parameters(teacher: ModelRef, overrides: dict, task: str) -> int:
+    try:
+        return student_parameters_from_config(teacher.path, overrides, task)
+    except DistillError as exc:
+        raise Unprocessable(exc.message, param=exc.param or "student.architecture.config", code=exc.code) from None
+
+
+def _config_context(overrides: dict) -> int | None:
+    values = [v for k, v in overrides.items() if k in CONTEXT_FIELDS and isinstance(v, int)]
+    return min(values) if values else None
+
+
+def _check_lengths(body: JobCreate, teacher: ModelRef, contexts: list[tuple[str, int | None]]) -> None:
+    """data.max_length within every model's context; a missing one becomes min(256, context)."""
+    known = [(who, c) for who, c in contexts if c is not None]
+    context = min((c for _, c in known), default=None)
+    if body.data.max_length is None:
+        body.data.max_length = min(DEFAULT_MAX_LENGTH, context) if context else DEFAULT_MAX_LENGTH
+    elif context is not None and body.data.max_length > context:
+        who = next(w for w, c in known if c == context)
+        raise Unprocessable(f"data.max_length is {body.data.max_length} but the {who}'s context is {context} tokens; "
+                            f"use at most {context}", param="data.max_length")
+    teacher_context = teacher.model_kind.context_length(teacher.details)
+    if body.method == "sequence" and teacher_context is not None \
+            and body.generation.max_new_tokens >= teacher_context:
+        raise Unprocessable(f"generation.max_new_tokens is {body.generation.max_new_tokens} but the teacher's "
+                            f"context is {teacher_context} tokens", param="generation.max_new_tokens")
 
 
 def _check_vocabulary(teacher: ModelRef, student: ModelRef) -> None:
@@ -97,6 +162,7 @@ def _dataset_refs(body: JobCreate) -> list[tuple[str, str]]:
 def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
     """The checks the files' metadata allows at submit time; the worker checks the data itself."""
     teacher = resolve_model(session, tenant, body.teacher.model_dump(exclude_none=True), "teacher")
+    _check_teacher_task(body, teacher)
     if body.task == "classification":
         _check_tabular(session, tenant, body, teacher)
     else:

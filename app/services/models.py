@@ -12,7 +12,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from distill.device import resolve_device
-from distill.models import load_model
+from distill.errors import ModelFormatError
+from distill.kinds import get_kind
 
 from ..config import get_settings
 from ..errors import NotFound, Unprocessable
@@ -33,14 +34,10 @@ def list_models(session: Session, tenant: str, after: str | None, limit: int):
     return paginate(session, ModelRecord, select(ModelRecord).where(ModelRecord.tenant_id == tenant), after, limit)
 
 
-def is_hf(record: ModelRecord) -> bool:
-    return record.architecture.get("kind") == "hf"
-
-
 def download_file(record: ModelRecord) -> tuple[Path, str, str]:
     """(path, filename, media type) of what GET .../download sends: the model file, or the HF directory archive."""
     path = get_storage().local_path(record.storage_key)
-    if is_hf(record):
+    if get_kind(record.kind).export_format == "hf":
         return path, f"{record.id}.tar.gz", "application/gzip"
     return path, f"{record.id}.safetensors", "application/octet-stream"
 
@@ -69,14 +66,7 @@ class ModelCache:
 
 
 def _load(record: ModelRecord):
-    device = resolve_device(get_settings().inference_device)
-    path = model_path(record)
-    if not is_hf(record):
-        return load_model(path, device)
-    from distill.hf import load_causal_lm, load_classifier, load_tokenizer  # transformers only when needed
-
-    loader = load_causal_lm if record.task == "causal_lm" else load_classifier
-    return loader(path, device=device).eval(), load_tokenizer(path)
+    return get_kind(record.kind).load(model_path(record), resolve_device(get_settings().inference_device), record.task)
 
 
 _cache: ModelCache | None = None
@@ -99,30 +89,17 @@ def predict(record: ModelRecord, inputs: list) -> list[dict]:
     _check_count(inputs)
     if record.task == "causal_lm":
         raise Unprocessable("this is a language model: use POST /v1/completions", param="model_id")
-    text = is_hf(record)
+    kind = get_kind(record.kind)
+    text = record.task == "text_classification"
     if any(isinstance(row, str) != text for row in inputs):
         wanted = "a list of texts" if text else "a list of feature rows (lists of numbers)"
         raise Unprocessable(f"this model takes {wanted}", param="inputs")
     loaded, lock = model_cache().get(record)
-    with lock, torch.no_grad():
-        logits = _text_logits(loaded, inputs) if text else _feature_logits(loaded, inputs)
+    try:
+        with lock, torch.no_grad():
+            logits = kind.logits(loaded, kind.prepare_inputs(loaded, inputs))
+    except ModelFormatError as exc:
+        raise Unprocessable(exc.message, param=exc.param or "inputs") from None
     probabilities = torch.softmax(logits.float(), dim=-1)
     labels = probabilities.argmax(-1).tolist()
     return [{"label": label, "probabilities": row} for label, row in zip(labels, probabilities.tolist())]
-
-
-def _feature_logits(model, inputs: list[list[float]]) -> torch.Tensor:
-    width = model.architecture.input_dim
-    for i, row in enumerate(inputs):
-        if len(row) != width:
-            raise Unprocessable(f"inputs[{i}] has {len(row)} features; the model takes {width}", param=f"inputs[{i}]")
-    device = next(model.parameters()).device
-    return model(torch.tensor(inputs, dtype=torch.float32, device=device))
-
-
-def _text_logits(loaded, inputs: list[str]) -> torch.Tensor:
-    model, tokenizer = loaded
-    device = next(model.parameters()).device
-    encoded = tokenizer(inputs, return_tensors="pt", padding=True, truncation=True,
-                        max_length=min(tokenizer.model_max_length, 4096)).to(device)
-    return model(**encoded).logits

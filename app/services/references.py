@@ -10,9 +10,9 @@ from pathlib import Path
 from sqlalchemy.orm import Session
 
 from distill.errors import ModelFormatError
-from distill.hf import inspect_model_dir
-from distill.models import read_architecture
+from distill.kinds import ModelKind, get_kind, kind_of_path
 
+from .. import storage_keys
 from ..config import get_settings
 from ..errors import Unprocessable
 from ..storage import get_storage
@@ -21,20 +21,37 @@ from ..tables import FileRecord, ModelRecord
 
 @dataclass
 class ModelRef:
-    kind: str  # "mlp" | "hf"
-    details: dict  # mlp: {"architecture", "parameters"}; hf: inspect_model_dir's description
+    kind: str  # a distill.kinds name: "mlp" | "hf"
+    details: dict  # what the kind's inspect() said: task, parameters, num_labels, context_length, ...
     path: Path  # the model file or Hugging Face directory the engine loads
+
+    @property
+    def model_kind(self) -> ModelKind:
+        return get_kind(self.kind)
+
+    @property
+    def task(self) -> str | None:
+        return self.details.get("task")
 
 
 def model_dir_key(model_id: str) -> str:
-    return f"models/{model_id}/model"
+    """Kept for callers that import it here (worker/runner.py); the key is :func:`storage_keys.model_dir`."""
+    return storage_keys.model_dir(model_id)
 
 
 def model_path(record: ModelRecord) -> Path:
     """A finished model's loadable form: its model file, or its unpacked Hugging Face directory."""
     storage = get_storage()
-    return storage.local_path(model_dir_key(record.id) if record.architecture.get("kind") == "hf"
+    return storage.local_path(storage_keys.model_dir(record.id) if get_kind(record.kind).export_format == "hf"
                               else record.storage_key)
+
+
+def model_details(model: ModelRecord) -> dict:
+    """A finished model described like an uploaded one (what its kind's inspect() gives)."""
+    if model.kind == "hf":
+        return {**model.architecture, "task": model.task}
+    return {"architecture": model.architecture, "parameters": model.parameters, "task": model.task,
+            "num_labels": model.architecture.get("num_classes")}
 
 
 def _server_path(raw: str, param: str) -> ModelRef:
@@ -47,13 +64,11 @@ def _server_path(raw: str, param: str) -> ModelRef:
         raise Unprocessable(f"{raw!r} is outside the allowed models directory", param=param)
     if not path.exists():
         raise Unprocessable(f"no model at {raw!r} under the models directory", param=param)
+    kind = kind_of_path(path)
     try:
-        if path.is_dir():
-            return ModelRef("hf", inspect_model_dir(path), path)
-        architecture = read_architecture(path)
+        return ModelRef(kind.name, kind.inspect(path), path)
     except ModelFormatError as exc:
         raise Unprocessable(f"invalid model at {raw!r}: {exc.message}", param=param, code=exc.code) from None
-    return ModelRef("mlp", {"architecture": architecture.to_dict(), "parameters": architecture.num_parameters}, path)
 
 
 def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> ModelRef:
@@ -65,16 +80,14 @@ def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> Model
         if record.purpose != "model":
             raise Unprocessable(f"file {ref['file_id']!r} has purpose {record.purpose!r}, not 'model'",
                                 param=f"{param}.file_id")
+        # an uploaded HF archive is served from its unpacked folder (a storage key recorded at upload)
         key = record.details.get("model_dir") or record.storage_key
-        kind = "hf" if record.details.get("format") == "hf" else "mlp"
-        return ModelRef(kind, record.details, get_storage().local_path(key))
+        return ModelRef(record.kind or "mlp", record.details, get_storage().local_path(key))
     if ref.get("model_id"):
         model = session.get(ModelRecord, ref["model_id"])
         if model is None or model.tenant_id != tenant:
             raise Unprocessable(f"no model with id {ref['model_id']!r}", param=f"{param}.model_id")
-        if model.architecture.get("kind") == "hf":
-            return ModelRef("hf", model.architecture, model_path(model))
-        return ModelRef("mlp", {"architecture": model.architecture, "parameters": model.parameters}, model_path(model))
+        return ModelRef(model.kind, model_details(model), model_path(model))
     return _server_path(ref["path"], f"{param}.path")
 
 

@@ -96,7 +96,7 @@ def test_unknown_ids_are_404(client):
     (lambda b: b["hyperparameters"].update(epochs=0), "hyperparameters.epochs"),
     (lambda b: b["hyperparameters"].update(alpha=1.5), "hyperparameters.alpha"),
     (lambda b: b["hyperparameters"].update(temprature=2), "hyperparameters.temprature"),
-    (lambda b: b["student"]["architecture"].update(hidden_dims=[16, 0]), "student.architecture.hidden_dims"),
+    (lambda b: b["student"]["architecture"].update(hidden_dims=[16, 0]), "student.architecture.hidden_dims[1]"),
     (lambda b: b.update(task="regression"), "task"),
     (lambda b: b.update(teacher={"file_id": "a", "model_id": "b"}), "teacher"),
     (lambda b: b.pop("training_file"), "training_file"),

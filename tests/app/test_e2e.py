@@ -109,8 +109,8 @@ def test_cancel_running_job(client, workers, problem):
     assert client.get(f"/files/{training['id']}").status_code == 404
 
 
-def test_worker_finds_label_mismatch(client, workers, problem, tmp_path):
-    # Labels beyond the teacher's classes are visible only in the data, so the worker finds them.
+def test_label_outside_teachers_classes_is_refused_at_submit(client, problem, tmp_path):
+    # The upload's details record the largest label, so the submit can refuse it before a worker runs.
     bad = tmp_path / "val_bad.csv"
     lines = problem.val_csv.read_text().splitlines()
     lines[3] = lines[3].rsplit(",", 1)[0] + f",{problem.classes + 2}"
@@ -118,10 +118,9 @@ def test_worker_finds_label_mismatch(client, workers, problem, tmp_path):
     teacher = upload(client, problem.teacher, "model")
     training = upload(client, problem.train_csv, "dataset")
     validation = upload(client, bad, "dataset")
-    job = wait_for(client, submit(client, job_body(teacher["id"], training["id"], validation["id"]))["id"])
-    assert job["status"] == "failed"
-    assert job["error"]["code"] == "mismatch" and job["error"]["param"] == "validation_file"
-    assert f"label {problem.classes + 2}" in job["error"]["message"]
-    assert f"{problem.classes} classes" in job["error"]["message"]
-    assert job["result_model_id"] is None
-    assert events(client, job["id"])[-1]["data"]["stage"] == "failed"
+    response = client.post("/distillation/jobs", json=job_body(teacher["id"], training["id"], validation["id"]))
+    assert response.status_code == 422, response.text
+    problem_body = response.json()
+    assert problem_body["code"] == "mismatch" and problem_body["param"] == "validation_file"
+    assert f"label {problem.classes + 2}" in problem_body["detail"]
+    assert f"{problem.classes} classes" in problem_body["detail"]
