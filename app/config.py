@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     max_job_attempts: int = 3
     """A job whose worker died this many times is failed instead of retried again."""
     checkpoint_interval_s: float = 60.0
+    """A running job writes a step checkpoint at most this often (0 = every optimizer step)."""
+    broker_visibility_timeout_s: int | None = None
+    """Redis broker: seconds before a message a worker took but never acknowledged (the worker
+    died) is handed to another worker, which resumes the job from its newest checkpoint.
+    Default: max_job_seconds + 600, so a live worker's long job is never handed out twice."""
     model_cache_size: int = 8
     """Finished models kept loaded in memory for /predict."""
     max_predict_inputs: int = 10_000

@@ -48,8 +48,15 @@ def celery_config(settings: Settings) -> dict:
             "store_processed": False,
         }
     else:
-        # Redis: redeliver an unacked message only after the longest job could have run.
-        config["broker_transport_options"] = {"visibility_timeout": settings.max_job_seconds + 600}
+        # Redis: redeliver an unacked message only after the longest job could have run (by default).
+        timeout = settings.broker_visibility_timeout_s or settings.max_job_seconds + 600
+        config["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            # Look for overdue messages every few seconds, on every look (kombu's default scans
+            # one look in ten, every 10 s: a dead worker's job could wait 100 s past the timeout).
+            "unacked_restore_interval": max(1, min(10, timeout // 2)),
+            "unacked_restore_throttle": 1,
+        }
     return config
 
 

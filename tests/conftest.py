@@ -144,3 +144,11 @@ def problem(tmp_path_factory):
     from tests.factories import make_problem
 
     return make_problem(tmp_path_factory.mktemp("problem"))
+
+
+@pytest.fixture(scope="session")
+def language(tmp_path_factory):
+    """A tiny GPT-2 teacher trained on a synthetic language, with its data (built once: it trains)."""
+    from tests.factories import make_language_problem
+
+    return make_language_problem(tmp_path_factory.mktemp("language"))

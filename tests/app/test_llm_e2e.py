@@ -13,14 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.factories import make_language_problem, tar_dir, train_classifier, write_jsonl
+from tests.factories import tar_dir, train_classifier, write_jsonl
 
 from .helpers import events, submit, upload, upload_bytes, wait_for
-
-
-@pytest.fixture(scope="module")
-def language(tmp_path_factory):
-    return make_language_problem(tmp_path_factory.mktemp("language"))
 
 
 @pytest.fixture(scope="module")
