@@ -193,17 +193,23 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> To
         raise ValueError(f"k must be an int in [1, {vocab}] (the vocabulary size), got {k!r}")
     lead = teacher_logits.shape[:-1]
     rows = teacher_logits.detach().reshape(-1, vocab)
+    out_dtype = torch.promote_types(rows.dtype, torch.float32)
     logprobs, indices, tails = [], [], []
+    # Rows per block: the float64 normaliser needs one (rows, V) float64 copy; keep it near 64 MiB.
+    block_rows = max(1, min(_TOPK_ROWS_PER_BLOCK, (1 << 23) // vocab))
     with torch.no_grad():
-        # A block of rows at a time: the float32 upcast and log-softmax of a (B, T, V)
-        # bf16 tensor would otherwise be two more full-size float32 copies.
-        for block in rows.split(_TOPK_ROWS_PER_BLOCK):
-            log_probs = F.log_softmax(_upcast(block) / temperature, dim=-1)
-            values, ids = log_probs.topk(k, dim=-1)
-            logprobs.append(values)
+        for block in rows.split(block_rows):
+            scaled = _upcast(block) / temperature
+            values, ids = scaled.topk(k, dim=-1)  # same order as the log-probabilities'
+            # The normaliser and the tail in float64: on a near-flat teacher the tail holds almost
+            # all the mass and a float32 log-softmax over V entries leaves it ~1e-6 off, which is
+            # tens of percent of a small reverse KL. 1 - Σ p_top in float64 is exact to ~1e-16.
+            log_norm = torch.logsumexp(scaled.double(), dim=-1, keepdim=True)
+            top = values.double() - log_norm
+            tail = torch.log1p(-top.exp().sum(-1).clamp(max=1.0))
+            logprobs.append(top.to(out_dtype))
             indices.append(ids)
-            # The tail mass summed directly over the other tokens (no 1 − Σ cancellation).
-            tails.append(torch.logsumexp(log_probs.scatter(-1, ids, float("-inf")), dim=-1))
+            tails.append(tail.to(out_dtype))
     return TopKSignal(torch.cat(logprobs).reshape(*lead, k), torch.cat(indices).reshape(*lead, k),
                       torch.cat(tails).reshape(lead))
 

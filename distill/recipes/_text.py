@@ -198,12 +198,14 @@ def lm_metrics(teacher: LogitsHead | None, student: LogitsHead, tokens: dict, sh
 @torch.no_grad()
 def generation_speed(model: nn.Module, tokenizer, prompt: str, device: torch.device, new_tokens: int = 32) -> float:
     """Greedy decoding tokens/s for one prompt on ``device`` (after a warm-up)."""
+    context = context_length(model.config)
+    if context is not None:  # prompt + generated tokens must fit the position embeddings
+        new_tokens = max(1, min(new_tokens, context // 2))
     ids = tokenizer(prompt, return_tensors="pt").input_ids[:, -64:].to(device)
+    if context is not None:
+        ids = ids[:, -(context - new_tokens):]
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                   pad_token_id=tokenizer.pad_token_id)
-    context = context_length(model.config)
-    if context is not None and ids.shape[1] + new_tokens > context:
-        ids = ids[:, -max(1, context - new_tokens):]
     model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
     if device.type == "cuda":
         torch.cuda.synchronize(device)

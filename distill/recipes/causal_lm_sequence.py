@@ -16,7 +16,7 @@ import torch
 from ..errors import MismatchError
 from ..hf import shared_vocab_size
 from ..losses import chunked_lm_loss, shifted
-from ..text_data import load_text_records, tokenize_for_lm
+from ..text_data import tokenize_for_lm
 from ._text import (CausalLMBase, check_kind, generate_completions, lm_metrics, load_splits, prompts_of,
                     resolve_max_length, vocab_rows)
 from .base import Export, Recipe, register
@@ -34,7 +34,8 @@ class CausalLMSequence(CausalLMBase, Recipe):
         check_kind(spec.task, self.val_kind, "validation_file")
         self.generated_path = ctx.out_dir / GENERATED_FILE
         if ctx.resume and self.generated_path.is_file():
-            _, training = load_text_records(self.generated_path)
+            # Our own file, read back whole: the records keep their "truncated" flags.
+            training = [json.loads(line) for line in self.generated_path.read_text().splitlines() if line]
         else:
             ctx.stage("generating", prompts=len(training))
             training = generate_completions(self.teacher_model, self.teacher_tokenizer, prompts_of(kind, training),

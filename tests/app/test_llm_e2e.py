@@ -237,3 +237,37 @@ def test_text_task_needs_text_data_and_hf_teacher(client, uploaded, problem):
     path_teacher["teacher"] = {"path": "/etc"}
     response = client.post("/distillation/jobs", json=path_teacher)
     assert response.status_code == 422 and response.json()["param"] == "teacher.path"
+
+
+# --- refused at submit: what the uploaded files already tell
+
+@pytest.mark.parametrize("change, param, words", [
+    (lambda b: b.update(data={"max_length": 4096}), "data.max_length", ["4096", "context"]),
+    (lambda b: b.update(student={"derive": {"num_layers": 9}}), "student.derive.num_layers", ["9", "4 layers"]),
+    (lambda b: b.update(student={"derive": {"layers": [0, 6]}}), "student.derive.layers[1]", ["6", "4 layers"]),
+    (lambda b: b.update(student={"architecture": {"kind": "hf", "config": {"n_layer": 48, "n_embd": 4096,
+                                                                          "n_head": 32}}}),
+     "student.architecture.config", ["parameters", "limit"]),
+    (lambda b: b.update(student={"architecture": {"kind": "hf", "config": {"no_such_key": 1}}}),
+     "student.architecture.config.no_such_key", ["no_such_key"]),
+])
+def test_refused_at_submit_with_the_field_and_the_limit(client, uploaded, change, param, words):
+    body = lm_body(uploaded, {"derive": {"num_layers": 2}})
+    change(body)
+    response = client.post("/distillation/jobs", json=body)
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert problem["param"] == param, problem
+    for word in words:
+        assert word in problem["detail"], problem["detail"]
+
+
+def test_max_length_defaults_to_the_teachers_context_when_shorter(client, uploaded):
+    context = uploaded["teacher"]["details"]["context_length"]
+    body = lm_body(uploaded, {"derive": {"num_layers": 2}})
+    del body["data"]
+    job = submit(client, body)
+    try:
+        assert job["spec"]["data"]["max_length"] == min(256, context)
+    finally:
+        client.post(f"/distillation/jobs/{job['id']}/cancel")

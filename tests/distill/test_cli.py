@@ -92,3 +92,55 @@ def test_missing_out_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["run", "spec.json"])
     assert info.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+# --- every task's spec runs from the CLI
+
+@pytest.fixture(scope="module")
+def text_specs(tmp_path_factory):
+    from tests.distill.hf_factories import (SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir,
+                                            synthetic_language, tiny_bert_classifier, tiny_gpt2)
+
+    root = tmp_path_factory.mktemp("cli-text")
+    tokenizer = make_word_tokenizer(SYNTHETIC_WORDS)
+    save_model_dir(tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=32), tokenizer, root / "lm")
+    save_model_dir(tiny_bert_classifier(tokenizer, num_labels=2, num_hidden_layers=2, hidden_size=32,
+                                        num_attention_heads=2, intermediate_size=64), tokenizer, root / "bert")
+    sentences = synthetic_language(30, seed=5)
+    (root / "text.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": " ".join(s.split()[:3]),
+                                                            "completion": "x"}) + "\n" for s in sentences))
+    (root / "labels.jsonl").write_text("".join(json.dumps({"text": s, "label": int(" and " in s)}) + "\n"
+                                               for s in sentences))
+    hp = {"epochs": 2, "batch_size": 8}
+    specs = {
+        "causal_lm": {"task": "causal_lm", "teacher": {"path": "lm"}, "training_file": "text.jsonl",
+                      "student": {"derive": {"num_layers": 1}}, "teacher_signal": {"top_k": 4}},
+        "sequence": {"task": "causal_lm", "method": "sequence", "teacher": "lm", "training_file": "prompts.jsonl",
+                     "student": {"derive": {"num_layers": 1}}, "generation": {"max_new_tokens": 4}},
+        "text_classification": {"task": "text_classification", "teacher": "bert", "training_file": "labels.jsonl",
+                                "student": {"derive": {"layers": [1]}}},
+    }
+    for name, spec in specs.items():
+        (root / f"{name}.json").write_text(json.dumps({**spec, "hyperparameters": hp, "validation_split": 0.25}))
+    return root
+
+
+@pytest.mark.parametrize("name", ["causal_lm", "sequence", "text_classification"])
+def test_run_every_text_task_with_checkpoints(text_specs, tmp_path, name):
+    out = tmp_path / "out"
+    proc = _distill("run", text_specs / f"{name}.json", "--out", out, "--device", "cpu",
+                    "--checkpoint-interval", "0", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for epoch in (1, 2):  # every task's epoch record has train_loss and validation_loss
+        line = next(line for line in proc.stdout.splitlines() if line.startswith(f"[epoch {epoch}]"))
+        assert "train_loss=" in line and "validation_loss=" in line
+    assert (out / "final" / "config.json").is_file() and (out / "final" / "README.md").is_file()
+    card = (out / "final" / "README.md").read_text()
+    assert str(text_specs) not in card  # the card names files, never a server path
+
+
+def test_negative_checkpoint_interval_is_refused(workspace, tmp_path):
+    spec = _write_spec(workspace, "cli_interval.json", epochs=1)
+    proc = _distill("run", spec, "--out", tmp_path / "out", "--checkpoint-interval", "-1", cwd=tmp_path)
+    assert proc.returncode == 2 and "checkpoint-interval" in proc.stderr

@@ -3,6 +3,7 @@ numbers in data files, large seeds, and gradients that must not reach the teache
 
 import json
 
+import distill.recipes.causal_lm
 import distill.train
 
 import pytest
@@ -75,3 +76,106 @@ def test_forward_kl_does_not_push_gradient_into_teacher_logits():
     forward_kl(student, teacher, 2.0).backward()
     assert student.grad is not None
     assert teacher.grad is None or not teacher.grad.any()
+
+
+# --- the one loop: batches with nothing to learn, contexts, CLI-free engine checks
+
+from distill.errors import MismatchError  # noqa: E402
+from distill.loop import train  # noqa: E402
+from distill.recipes.base import Recipe, RunContext  # noqa: E402
+from distill.spec import Hyperparameters  # noqa: E402
+from distill.text_data import tokenize_for_lm  # noqa: E402
+from tests.distill.hf_factories import (SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir,  # noqa: E402
+                                        synthetic_language, tiny_gpt2)
+
+
+class _EveryOtherBatchEmpty(Recipe):
+    """A recipe whose odd batches have no targets, to watch the loop skip them."""
+
+    def __init__(self):
+        self.model = torch.nn.Linear(2, 1)
+        self.num_examples = 8
+        self.seen = []
+
+    def batch_loss(self, indices):
+        self.seen.append(len(self.seen))
+        if len(self.seen) % 2 == 0:
+            return None, 0
+        return self.model(torch.ones(len(indices), 2)).pow(2).mean(), len(indices)
+
+    def validate(self):
+        return {"validation_loss": 0.0}
+
+
+def test_loop_skips_batches_without_targets_and_counts_them(tmp_path):
+    recipe = _EveryOtherBatchEmpty()
+    ctx = RunContext(device=torch.device("cpu"), out_dir=tmp_path, on_event=lambda k, d: None,
+                     should_stop=lambda: False)
+    history = train(recipe, ctx, Hyperparameters(epochs=2, batch_size=2, temperature=1.0), 3600)
+    assert [h["skipped_batches"] for h in history] == [2, 2]  # 4 batches an epoch, every second one empty
+    assert all(h["train_loss"] is not None for h in history)
+    assert [h["step"] for h in history] == [4, 8]
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-edges")
+    tokenizer = make_word_tokenizer(SYNTHETIC_WORDS)
+    save_model_dir(tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2, n_positions=24), tokenizer, root / "t")
+    return root, tokenizer
+
+
+def _lm_spec(root, training, **extra) -> JobSpec:
+    val = root / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": s}) + "\n" for s in synthetic_language(6, seed=9)))
+    return JobSpec.from_dict({"task": "causal_lm", "teacher": str(root / "t"), "student": {"derive": {"num_layers": 1}},
+                              "training_file": str(training), "validation_file": str(val),
+                              "hyperparameters": {"epochs": 2, "batch_size": 1}, **extra})
+
+
+def test_packed_row_of_one_token_is_skipped_not_a_crash(lm_files, tmp_path):
+    root, tokenizer = lm_files
+    max_length = 16
+    for n in range(5, 80):  # find a document count whose packed stream ends in a one-token row
+        texts = synthetic_language(n, seed=1)
+        tokens = tokenize_for_lm("text", [{"text": t} for t in texts], tokenizer, max_length, packing=True)
+        if int(tokens["attention_mask"][-1].sum()) == 1:
+            break
+    else:
+        pytest.fail("no document count gives a one-token last row")
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    result = distill.train.run_distillation(_lm_spec(root, training, data={"max_length": max_length}),
+                                            tmp_path / "out", device="cpu")
+    assert [h["skipped_batches"] for h in result.history] == [1, 1]  # batch_size 1: that row is a batch
+    assert all(h["train_loss"] > 0 for h in result.history)
+
+
+def test_max_length_over_the_models_context_is_refused(lm_files, tmp_path):
+    root, _ = lm_files
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({"text": s}) + "\n" for s in synthetic_language(20, seed=2)))
+    with pytest.raises(MismatchError) as info:
+        distill.train.run_distillation(_lm_spec(root, training, data={"max_length": 64}), tmp_path / "o", device="cpu")
+    assert info.value.param == "data.max_length" and "24" in info.value.message
+
+
+def test_default_max_length_is_clamped_to_the_context(lm_files, tmp_path):
+    root, _ = lm_files
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({"text": s}) + "\n" for s in synthetic_language(40, seed=2)))
+    spec = _lm_spec(root, training)
+    assert spec.data.max_length is None  # not given: min(256, context) = 24 for this teacher
+    seen = []
+    real = distill.recipes.causal_lm.tokenize_for_lm
+
+    def spy(kind, records, tokenizer, max_length, packing):
+        seen.append(max_length)
+        return real(kind, records, tokenizer, max_length, packing)
+
+    distill.recipes.causal_lm.tokenize_for_lm = spy
+    try:
+        result = distill.train.run_distillation(spec, tmp_path / "out", device="cpu")
+    finally:
+        distill.recipes.causal_lm.tokenize_for_lm = real
+    assert seen == [24, 24] and len(result.history) == 2

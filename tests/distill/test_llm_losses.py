@@ -462,3 +462,32 @@ def test_invalid_arguments_raise_value_error():
         with pytest.raises(ValueError):
             call()
     assert set(LOSS_TYPES) == {"forward_kl", "reverse_kl", "jsd", "tvd"}
+
+
+# --------------------------------------------------------------------------- top-k tail precision
+
+
+def test_stored_top_k_signal_keeps_reverse_kl_within_one_percent_on_a_near_flat_teacher():
+    """The engine stores top-k signals as float32 log-probs + int32 ids + the float32 tail mass
+    (distill.recipes.causal_lm.precompute_topk). On a near-flat teacher the tail holds almost all
+    the mass and reverse KL is small, so 1 - sum(p_top) from float16 log-probs was measured
+    12-31% off; the stored form must stay within 1% of the exact (float64) top-k-plus-tail value."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, k, temperature = 32_000, 64, 1.0
+    teacher = 0.05 * torch.randn(16, vocab, generator=generator, dtype=torch.float64)
+    student = teacher + 0.05 * torch.randn(16, vocab, generator=generator, dtype=torch.float64)
+
+    # The student side in float64 throughout, so only the teacher signal's storage differs.
+    exact = token_divergence(student, teacher_topk(teacher, k, temperature), "reverse_kl", temperature)
+    stored = teacher_topk(teacher.float(), k, temperature)
+    stored = TopKSignal(stored.logprobs.float(), stored.indices.int(), stored.tail_logprob.float())
+    assert stored.bytes_per_position() == 8 * k + 4
+    as_read = TopKSignal(stored.logprobs.double(), stored.indices, stored.tail_logprob.double())
+    got = token_divergence(student, as_read, "reverse_kl", temperature)
+    relative = ((got - exact).abs() / exact).max().item()
+    assert relative < 0.01, relative
+
+    # The old store (float16 log-probs, tail = 1 - sum p) is what this guards against.
+    half = TopKSignal(stored.logprobs.half().double(), stored.indices)
+    old = token_divergence(student, half, "reverse_kl", temperature)
+    assert ((old - exact).abs() / exact).max().item() > 0.01
