@@ -28,6 +28,7 @@ class FilePublic(BaseModel):
     purpose: FilePurpose
     created_at: int
     details: dict[str, Any] = Field(description="What validation found: rows/num_features/has_labels or architecture")
+    kind: str | None = Field(None, description="Model files: the model kind (mlp | hf); null for datasets")
 
 
 class FilesPublic(BaseModel):
@@ -163,6 +164,7 @@ class ModelPublic(BaseModel):
     created_at: int
     job_id: str | None
     task: str
+    kind: str = Field("mlp", description="The model kind: mlp (a safetensors model file) | hf (transformers)")
     architecture: dict[str, Any]
     parameters: int
     size_bytes: int

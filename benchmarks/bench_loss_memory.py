@@ -1,6 +1,6 @@
 """Peak memory (and time) of the token-level KD loss, forward + backward, at LLM vocabulary size.
 
-``distill.llm_losses.token_kd_loss`` on (B, T, V) student logits, default B=4, T=256
+``distill.losses.token.token_kd_loss`` on (B, T, V) student logits, default B=4, T=256
 (N = 1,024 positions), V = 32,000, forward KL at T=2, comparing:
 
   full            teacher logits (N, V), all positions at once
@@ -90,15 +90,17 @@ def _make_inputs(args, k, device, n_rows_total, torch, teacher_topk, TopKSignal)
     if k is None:
         teacher = (torch.randn(shape, generator=gen) * 2.0).to(device=device, dtype=dtype)
     else:
-        logprobs, indices = [], []
+        logprobs, indices, tails = [], [], []
         for _ in range(0, n_rows_total, 64):
             block = torch.randn(64, args.vocab, generator=gen) * 2.0
             sig = teacher_topk(block.to(device=device, dtype=dtype), k, args.temperature)
             logprobs.append(sig.logprobs)
             indices.append(sig.indices)
+            tails.append(sig.tail_logprob)  # the exact tail mass, as the engine stores it
         teacher = TopKSignal(
             torch.cat(logprobs)[:n_rows_total].reshape(args.batch, args.seq, k),
             torch.cat(indices)[:n_rows_total].reshape(args.batch, args.seq, k),
+            torch.cat(tails)[:n_rows_total].reshape(args.batch, args.seq),
         )
     mask = torch.ones(args.batch, args.seq, dtype=torch.bool, device=device)
     pad = int(round(args.pad_fraction * args.seq))
@@ -112,7 +114,7 @@ def worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from distill.llm_losses import TopKSignal, teacher_topk, token_kd_loss
+    from distill.losses.token import TopKSignal, teacher_topk, token_kd_loss
 
     k, chunk = parse_variant(args.worker)
     timing = args.measure == "time"
@@ -228,7 +230,8 @@ def main() -> None:
     print(f"  student logits (N, V) {args.dtype:<9}  {student_mib:9.1f} MiB")
     print(f"  teacher logits (N, V) {args.dtype:<9}  {student_mib:9.1f} MiB   (full variants)")
     for k in sorted({parse_variant(v)[0] for v in args.variants} - {None}, reverse=True):
-        print(f"  top-k {k:<4} (N, k) f32 + i64  {n * k * 12 / MIB:9.3f} MiB   (topk{k} variants)")
+        print(f"  top-k {k:<4} (N, k) f32 + i64 + (N,) f32 tail  {(n * k * 12 + n * 4) / MIB:9.3f} MiB   "
+              f"(topk{k} variants)")
     print(f"  reference: the student-logit gradient alone is (N, V) {args.dtype} = {student_mib:.1f} MiB, "
           "included in every row")
     print()

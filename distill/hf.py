@@ -74,9 +74,17 @@ TASKS = ("causal_lm", "text_classification")
 def _as_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise ModelFormatError(f"{path} is not a model directory (expected a folder with config.json and "
+        raise ModelFormatError(f"'{path.name}' is not a model directory (expected a folder with config.json and "
                                "*.safetensors weights)")
     return path
+
+
+def _scrub(exc: Exception, path: Path) -> str:
+    """A library's error message without the server's folder in it (errors reach users)."""
+    text = str(exc)
+    for full in {str(path), str(path.resolve())}:
+        text = text.replace(full, path.name)
+    return text
 
 
 def _refuse_pickles(path: Path) -> None:
@@ -220,7 +228,7 @@ def _load_config(path: Path):
     try:
         return AutoConfig.from_pretrained(path, **_SAFE)
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds; all mean "bad config"
-        raise ModelFormatError(f"{CONFIG_FILE} could not be loaded: {exc}") from None
+        raise ModelFormatError(f"{CONFIG_FILE} could not be loaded: {_scrub(exc, Path(path))}") from None
 
 
 def _raw_tokenizer(path: Path):
@@ -229,7 +237,7 @@ def _raw_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(path, **_SAFE)
     except Exception as exc:  # noqa: BLE001
-        raise ModelFormatError(f"the tokenizer files could not be loaded: {exc}") from None
+        raise ModelFormatError(f"the tokenizer files could not be loaded: {_scrub(exc, Path(path))}") from None
 
 
 def inspect_model_dir(path: str | Path, check_tokenizer: bool = True) -> dict:
@@ -322,7 +330,7 @@ def _from_pretrained(auto_class, path: Path, what: str, **kwargs):
     except DistillError:
         raise
     except Exception as exc:  # noqa: BLE001 - shape mismatches, bad headers, unsupported classes
-        raise ModelFormatError(f"the model could not be loaded as a {what}: {exc}") from None
+        raise ModelFormatError(f"the model could not be loaded as a {what}: {_scrub(exc, Path(path))}") from None
     return model, info
 
 

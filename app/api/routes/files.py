@@ -17,7 +17,8 @@ router = APIRouter(prefix="/files", tags=["files"])
 
 def public(record: FileRecord) -> FilePublic:
     return FilePublic(id=record.id, filename=record.filename, bytes=record.bytes, sha256=record.sha256,
-                      purpose=record.purpose, created_at=unix(record.created_at), details=record.details)
+                      purpose=record.purpose, created_at=unix(record.created_at), details=record.details,
+                      kind=record.kind)
 
 
 @router.post("", status_code=201, response_model=FilePublic)

@@ -17,7 +17,7 @@ router = APIRouter(prefix="/models", tags=["models"])
 def public(record: ModelRecord) -> ModelPublic:
     return ModelPublic(id=record.id, created_at=unix(record.created_at), job_id=record.job_id, task=record.task,
                        architecture=record.architecture, parameters=record.parameters, size_bytes=record.size_bytes,
-                       sha256=record.sha256, evaluation=record.evaluation)
+                       sha256=record.sha256, evaluation=record.evaluation, kind=record.kind)
 
 
 @router.get("", response_model=ModelsPublic)

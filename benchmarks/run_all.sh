@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Run every benchmark with its defaults (each ~1-3 min on a quiet 2-core CPU) and print the
+# tables one after another. Tables only; nothing is asserted.
+#
+#   benchmarks/run_all.sh            # ~5-7 min in all on a quiet 2-core CPU
+#   benchmarks/run_all.sh --quick    # smaller: 1 repeat, vocab 8k only, 3 loss variants (~2-3 min)
+#
+# Run from anywhere; it uses the repository's .venv (or $PYTHON).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-.venv/bin/python}"
+
+engine_args=() lm_args=() loss_args=()
+if [[ "${1:-}" == "--quick" ]]; then
+    engine_args=(--repeats 1)
+    lm_args=(--vocab 8192)
+    loss_args=(--variants full topk64 full/c128 --repeats 1)
+elif [[ $# -gt 0 ]]; then
+    echo "usage: $0 [--quick]" >&2
+    exit 2
+fi
+
+run() {
+    local title=$1
+    shift
+    echo
+    echo "================================================================================================"
+    echo "== $title"
+    echo "== $*"
+    echo "================================================================================================"
+    local start=$SECONDS
+    "$PYTHON" "$@"
+    echo "(took $((SECONDS - start)) s)"
+}
+
+run "MLP classification: engine (run_distillation, start -> finish) vs hand-written online-KD loop" \
+    benchmarks/bench_engine_vs_hand_loop.py "${engine_args[@]}"
+run "Causal-LM KD training step: engine recipe + loop vs TRL/torchtune-style hand loop" \
+    benchmarks/bench_lm_kd_step.py "${lm_args[@]}"
+run "Token-level KD loss alone: peak memory and time, full vs top-k vs chunked" \
+    benchmarks/bench_loss_memory.py "${loss_args[@]}"
