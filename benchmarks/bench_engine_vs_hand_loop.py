@@ -165,6 +165,9 @@ def sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------- the engine, with part timers
 
 
+MISSING_TARGETS: set[str] = set()
+
+
 class PartTimers:
     """Wraps engine functions in wall-clock timers for one run and restores them after.
 
@@ -190,7 +193,6 @@ class PartTimers:
     def __init__(self, device: torch.device):
         self.device = device
         self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
         self.phase = "loading"  # compute_logits in validate() is the student, elsewhere the teacher
         self.saved: list[tuple[object, str, object]] = []
 
@@ -212,13 +214,16 @@ class PartTimers:
                 timers.phase = outer
                 if not (name is None and part == "validation per epoch"):  # counted in validate already
                     timers.seconds[part] += elapsed
-                    timers.calls[part] += 1
 
         return timed
 
     def __enter__(self) -> "PartTimers":
         for owner, attribute, name in self.TARGETS:
-            original = getattr(owner, attribute) if not isinstance(owner, type) else owner.__dict__[attribute]
+            # class attributes from the class's own __dict__, so a wrapped method unwraps to itself
+            original = owner.__dict__.get(attribute) if isinstance(owner, type) else getattr(owner, attribute, None)
+            if original is None:  # renamed in the engine: that part is then counted in "other"/"backward"
+                MISSING_TARGETS.add(f"{getattr(owner, '__name__', owner)}.{attribute}")
+                continue
             self.saved.append((owner, attribute, original))
             setattr(owner, attribute, self._wrap(original, name, attribute))
         return self
@@ -389,7 +394,10 @@ def print_main_table(args, results: dict[int, dict[str, list[Outcome]]]) -> None
               f"{'acc engine':>10}  {'acc hand':>8}" + (f"  {'hand+perm s':>11}  {'engine/perm':>11}" if perm else ""))
     print(header)
     print("-" * len(header))
-    span = lambda outcomes: f"{min(o.seconds for o in outcomes):.2f}-{max(o.seconds for o in outcomes):.2f}"  # noqa: E731
+
+    def span(outcomes: list[Outcome]) -> str:
+        return f"{min(o.seconds for o in outcomes):.2f}-{max(o.seconds for o in outcomes):.2f}"
+
     for epochs, by_variant in results.items():
         engine, hand = by_variant["engine"], by_variant["hand"]
         e_s, h_s = median(engine, "seconds"), median(hand, "seconds")
@@ -410,8 +418,8 @@ def print_main_table(args, results: dict[int, dict[str, list[Outcome]]]) -> None
         verdicts.append(f"{epochs} epochs: {ratio(epochs):.2f}x ("
                         + ("engine faster" if ratio(epochs) < 1 else "engine NOT faster") + ")")
     print("; ".join(verdicts))
-    print(f"engine s, hand s: median of {args.repeats} interleaved run(s); engine/hand: of the medians (< 1: the engine "
-          "is faster); best-of ratio: fastest engine run / fastest hand run.")
+    print(f"engine s, hand s: median of {args.repeats} interleaved run(s); engine/hand: of the medians (< 1: the "
+          "engine is faster); best-of ratio: fastest engine run / fastest hand run.")
     print("Both are start -> finish: the engine's whole run_distillation (parse CSVs, teacher once, train + per-epoch "
           "validation, evaluate incl. latency, export);")
     print(f"the hand loop's CSV read ({args.reader}) + model building + training (teacher every batch), no evaluation. "
@@ -427,9 +435,16 @@ PART_ORDER = ["parse CSV", "load teacher", "teacher inference", "steps: epoch_or
               "export", OTHER]
 
 
+def part_rank(name: str) -> int:
+    """Pipeline order: where ``name`` comes in PART_ORDER (unknown names last)."""
+    return next((i for i, prefix in enumerate(PART_ORDER) if name.startswith(prefix)), len(PART_ORDER))
+
+
 def print_breakdown(args, results: dict[int, dict[str, list[Outcome]]]) -> None:
     print()
     print("Where the time goes (the fastest run of each; seconds and share of its total):")
+    if MISSING_TARGETS:
+        print(f"  (not timed, no longer in the engine: {', '.join(sorted(MISSING_TARGETS))})")
     for epochs, by_variant in results.items():
         engine, hand = fastest(by_variant["engine"]), fastest(by_variant["hand"])
         parts = dict(engine.parts)
@@ -446,14 +461,15 @@ def print_breakdown(args, results: dict[int, dict[str, list[Outcome]]]) -> None:
         batches = -(-args.rows // args.batch_size) * epochs
         print(f"\n  {epochs} epochs - engine {engine.seconds:.2f} s; stages: "
               + ", ".join(f"{k} {v:.3f}" for k, v in engine.stages.items()))
-        for name in sorted(parts, key=lambda name: next(i for i, p in enumerate(PART_ORDER) if name.startswith(p))):
+        for name in sorted(parts, key=part_rank):
             print(f"    {name:<66} {parts[name]:7.3f} s  {parts[name] / engine.seconds:6.1%}")
         fixed = engine.seconds - steps
         print(f"    {'= fixed cost (everything but the ' + format(batches, ',') + ' steps)':<66} {fixed:7.3f} s  "
               f"{fixed / engine.seconds:6.1%}")
         print(f"    {'= the steps':<66} {steps:7.3f} s  {steps / engine.seconds:6.1%}  "
               f"({steps / batches * 1e3:.3f} ms/step)")
-        print(f"  {epochs} epochs - hand {hand.seconds:.2f} s: " + ", ".join(f"{k} {v:.3f} s" for k, v in hand.parts.items())
+        print(f"  {epochs} epochs - hand {hand.seconds:.2f} s: "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in hand.parts.items())
               + f"; {hand.parts['training'] / batches * 1e3:.3f} ms/step (teacher forward + student step)")
 
 
@@ -521,8 +537,8 @@ def main() -> None:
         print(f"problem: {args.rows:,} transfer rows (unlabeled CSV, {setup.train_csv.stat().st_size / 1e6:.1f} MB) "
               f"+ {args.val_rows:,} validation rows, D={args.features}, C={args.classes}; batch {args.batch_size}, "
               f"lr {LEARNING_RATE} constant, T={TEMPERATURE}, no clipping")
-        print(f"teacher {args.features}->{args.teacher_hidden}->{args.classes} ({arch.num_parameters:,} params, val acc "
-              f"{teacher_accuracy:.2%}); student {args.features}->{args.student_hidden}->{args.classes} "
+        print(f"teacher {args.features}->{args.teacher_hidden}->{args.classes} ({arch.num_parameters:,} params, "
+              f"val acc {teacher_accuracy:.2%}); student {args.features}->{args.student_hidden}->{args.classes} "
               f"({student.num_parameters:,} params)")
         warm_up(setup)
         print(f"setup + warm-up {time.perf_counter() - t0:.1f} s (untimed)")

@@ -2,8 +2,8 @@
 # Run every benchmark with its defaults (each ~1-3 min on a quiet 2-core CPU) and print the
 # tables one after another. Tables only; nothing is asserted.
 #
-#   benchmarks/run_all.sh            # ~5-7 min in all on a quiet 2-core CPU
-#   benchmarks/run_all.sh --quick    # smaller: 1 repeat, vocab 8k only, 3 loss variants (~2-3 min)
+#   benchmarks/run_all.sh            # ~4-5 min in all on a quiet 2-core CPU
+#   benchmarks/run_all.sh --quick    # smaller: 1 repeat, vocab 8k only, 3 loss variants (~2 min)
 #
 # Run from anywhere; it uses the repository's .venv (or $PYTHON).
 set -euo pipefail
