@@ -304,20 +304,14 @@ def token_kd_loss(
     if chunk_size is None or chunk_size >= n:
         total = _divergence_sum(student, teacher, loss_type, temperature, beta)
     else:
-        recompute = torch.is_grad_enabled() and student.requires_grad
-        total = 0.0
-        # split (one backward node that concatenates the chunks' gradients) rather than
-        # repeated slicing (each slice's backward would zero-fill a full (N, V) gradient).
-        for start, student_chunk in zip(range(0, n, chunk_size), student.split(chunk_size)):
-            teacher_chunk = teacher[start : start + chunk_size]
-            if recompute:
-                # Non-reentrant checkpoint: forward keeps only the chunk's inputs; backward
-                # recomputes this chunk's intermediates, uses and frees them before the next.
-                total = total + checkpoint(
-                    _divergence_sum, student_chunk, teacher_chunk, loss_type, temperature, beta, use_reentrant=False
-                )
-            else:
-                total = total + _divergence_sum(student_chunk, teacher_chunk, loss_type, temperature, beta)
+        # The one chunked, checkpointed implementation (distill.losses.chunked), with the
+        # logits as the "hidden states" and no output head to apply.
+        from .chunked import chunked_lm_loss
+
+        teacher_side = teacher if isinstance(teacher, TopKSignal) else (torch.nn.Identity(), teacher.detach())
+        no_targets = torch.zeros(n, dtype=torch.long, device=student.device)
+        total, _ = chunked_lm_loss(torch.nn.Identity(), student, no_targets, teacher_side, vocab, loss_type,
+                                   temperature, beta, chunk=chunk_size, need_ce=False)
     return total * (temperature**2 / n)
 
 

@@ -3,6 +3,7 @@ numbers in data files, large seeds, and gradients that must not reach the teache
 
 import json
 
+import distill.errors
 import distill.recipes.causal_lm
 import distill.train
 
@@ -179,3 +180,31 @@ def test_default_max_length_is_clamped_to_the_context(lm_files, tmp_path):
     finally:
         distill.recipes.causal_lm.tokenize_for_lm = real
     assert seen == [24, 24] and len(result.history) == 2
+
+
+def test_a_top_k_signal_too_big_to_store_is_an_error_not_a_silent_switch(lm_files, tmp_path, monkeypatch):
+    root, _ = lm_files
+    training = tmp_path / "train.jsonl"
+    training.write_text("".join(json.dumps({"text": s}) + "\n" for s in synthetic_language(20, seed=2)))
+    monkeypatch.setattr(distill.recipes.causal_lm, "TEACHER_SIGNAL_MAX_BYTES", 1024)
+    stages = []
+    with pytest.raises(MismatchError) as info:
+        distill.train.run_distillation(_lm_spec(root, training, teacher_signal={"top_k": 8}), tmp_path / "o",
+                                       device="cpu", on_event=lambda k, d: stages.append(d.get("stage")))
+    assert info.value.param == "teacher_signal.top_k"
+    assert "68 per token" in info.value.message and "1024" in info.value.message  # 8k + 4 bytes a token
+    assert "training" not in stages and "teacher_inference" not in stages  # refused before the teacher ran
+
+
+def test_generation_restores_the_tokenizers_sides_when_stopped(lm_files):
+    from distill.hf import load_causal_lm, load_tokenizer
+    from distill.recipes._text import generate_completions
+    from distill.spec import GenerationSpec
+
+    root, _ = lm_files
+    model, tokenizer = load_causal_lm(root / "t"), load_tokenizer(root / "t")
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "right"
+    with pytest.raises(distill.errors.JobStopped):
+        generate_completions(model, tokenizer, ["the cat", "a dog sees"], GenerationSpec(max_new_tokens=3),
+                             torch.device("cpu"), should_stop=lambda: True)
+    assert (tokenizer.padding_side, tokenizer.truncation_side) == ("right", "right")
