@@ -53,6 +53,14 @@ class Settings(BaseSettings):
     """Redis broker: seconds before a message a worker took but never acknowledged (the worker
     died) is handed to another worker, which resumes the job from its newest checkpoint.
     Default: max_job_seconds + 600, so a live worker's long job is never handed out twice."""
+    heartbeat_timeout_s: float = 60.0
+    """A running job whose heartbeat is older than this has lost its worker: the reaper re-queues it."""
+    shutdown_grace_s: float = 20.0
+    """On SIGTERM a worker checkpoints its job, hands it back to the queue and exits within this."""
+    reconcile_interval_s: float = 10.0
+    """How often each worker runs the reconciler (dead workers' jobs, queued jobs without a message)."""
+    queued_resend_after_s: float = 60.0
+    """A job queued this long without being claimed is published again (a lost broker message)."""
     model_cache_size: int = 8
     """Finished models kept loaded in memory for /predict."""
     max_predict_inputs: int = 10_000
