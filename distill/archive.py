@@ -9,8 +9,11 @@ suffix is not trusted). An entry is refused with :class:`~distill.errors.Archive
   as separators, so ``..\\x`` and ``C:\\x`` are caught too), or contains a NUL byte;
 - it is anything but a regular file or a directory (symlink, hardlink, device, fifo);
 - it appears twice, or a file and a directory share a path;
-- the archive has more than ``max_members`` entries, or the bytes actually written
-  (counted while streaming, never taken from headers alone) exceed ``max_total_bytes``.
+- the archive has more than ``max_members`` entries, or its files exceed ``max_total_bytes``
+  unpacked. That is checked before anything is written where the format declares the sizes
+  (a zip's central directory lists every entry's ``file_size``: their sum is checked before
+  the first byte is written; a tar member's ``size`` before that member is written), and
+  again while streaming, counting the bytes really decompressed (headers may lie).
 
 macOS metadata (``__MACOSX/`` entries in zips made by Finder) is skipped. Files are written
 with mode 0644 and directories 0755 whatever the archive says; owners are not restored.
@@ -124,8 +127,8 @@ class _Extractor:
             raise ArchiveError(f"archive entry {name!r} is a file without a name")
         if parts in self.files or parts in self.dirs:
             raise ArchiveError(f"archive entry {name!r} appears twice in the archive")
-        if self.total + max(declared_size, 0) > self.max_total_bytes:
-            raise ArchiveError(self._too_big(name))
+        if self.total + max(declared_size, 0) > self.max_total_bytes:  # the header's size, before writing
+            raise ArchiveError(self._too_big(name, declared=True))
         self._mkdirs(name, parts[:-1])
         target = self._target(name, parts)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -145,8 +148,17 @@ class _Extractor:
                     raise ArchiveError(self._too_big(name))
                 out.write(chunk)
 
-    def _too_big(self, name: str) -> str:
-        return (f"the archive unpacks to more than {self.max_total_bytes} bytes (limit reached at entry {name!r})")
+    def check_declared(self, entries: list[tuple[str, int]]) -> None:
+        """Refuse before writing anything when the sizes the archive declares (name, bytes) add up past the limit."""
+        declared = 0
+        for name, size in entries:
+            declared += max(size, 0)
+            if declared > self.max_total_bytes:
+                raise ArchiveError(self._too_big(name, declared=True))
+
+    def _too_big(self, name: str, declared: bool = False) -> str:
+        how = ", by the sizes the archive declares" if declared else ""
+        return f"the archive unpacks to more than {self.max_total_bytes} bytes (limit reached at entry {name!r}{how})"
 
     def cleanup(self) -> None:
         for path in reversed(self.created):
@@ -211,6 +223,8 @@ def _extract_zip(archive: Path, extractor: _Extractor) -> None:
             if len(infos) > extractor.max_members:
                 raise ArchiveError(f"the archive has {len(infos)} entries, more than {extractor.max_members} "
                                    f"(entry {infos[extractor.max_members].filename!r} is over the limit)")
+            # a zip bomb is refused from the central directory, before a byte is written
+            extractor.check_declared([(i.filename, i.file_size) for i in infos if not _is_skipped(i.filename)])
             for info in infos:
                 name = info.filename
                 extractor.count(name)

@@ -6,6 +6,11 @@
 Labels are all-or-nothing within a file. Errors name the 1-based line (the CSV
 header is line 1) and, where there is one, the column.
 
+Hostile files are refused cheaply, before the body is parsed where possible: a header
+wider than ``max_columns`` (counted on the first line's text), a field longer than the
+csv module's limit (131,072 characters), JSON nested deeper than
+:data:`distill.safe_json.MAX_DEPTH` or holding an integer of more than 4300 digits.
+
 CSV bodies are parsed vectorized (numpy) when the file is plain; any file that path
 declines (an error, quotes, odd blank lines) goes through the row-by-row parser,
 which is the reference for both values and error messages.
@@ -24,13 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import safe_json
 from .errors import DataError
 
-__all__ = ["TabularDataset", "load_dataset", "split_dataset", "LABEL_COLUMN"]
+__all__ = ["TabularDataset", "load_dataset", "split_dataset", "parse_json_line", "LABEL_COLUMN", "MAX_COLUMNS"]
 
 LABEL_COLUMN = "label"
 MAX_FEATURES = 1 << 16
+MAX_COLUMNS = MAX_FEATURES  # columns of a CSV header, label included (DISTILL_MAX_DATASET_COLUMNS)
 MAX_CLASSES = 1 << 16
+SHOWN_CHARS = 40  # a cell quoted in an error message is cut to this many characters
 
 
 @dataclass
@@ -59,15 +67,22 @@ class TabularDataset:
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
+def _shown(value: object) -> str:
+    """``repr(value)`` cut to about SHOWN_CHARS characters: a 100,000-character cell is not echoed back."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def _number(cell: str, line: int, column: str) -> float:
     try:
         value = float(cell)
     except ValueError:
-        raise DataError(f"line {line}, column '{column}': {cell!r} is not a number", line=line) from None
+        raise DataError(f"line {line}, column {_shown(column)}: {_shown(cell)} is not a number", line=line) from None
     if not math.isfinite(value):
-        raise DataError(f"line {line}, column '{column}': {cell!r} is not a finite number", line=line)
+        raise DataError(f"line {line}, column {_shown(column)}: {_shown(cell)} is not a finite number", line=line)
     if abs(value) >= FLOAT32_OVERFLOW:
-        raise DataError(f"line {line}, column '{column}': {cell!r} is too large for a float32 feature", line=line)
+        raise DataError(f"line {line}, column {_shown(column)}: {_shown(cell)} is too large for a float32 feature",
+                        line=line)
     return value
 
 
@@ -78,10 +93,10 @@ def _label(value: object, line: int) -> int:
         try:
             value = float(value)
         except ValueError:
-            raise DataError(f"line {line}: label {raw!r} is not an integer", line=line) from None
+            raise DataError(f"line {line}: label {_shown(raw)} is not an integer", line=line) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < MAX_CLASSES \
             or value != int(value):
-        raise DataError(f"line {line}: label {raw!r} must be an integer in [0, {MAX_CLASSES})", line=line)
+        raise DataError(f"line {line}: label {_shown(raw)} must be an integer in [0, {MAX_CLASSES})", line=line)
     return int(value)
 
 
@@ -93,10 +108,24 @@ def _is_number(cell: str) -> bool:
     return True
 
 
-def _csv_header(cells: list[str] | None) -> tuple[list[str], int | None, list[tuple[int, str]]]:
+def _check_width(text: str, max_columns: int) -> None:
+    """Refuse a header wider than ``max_columns`` from the first line's text, before any cell is parsed:
+    a 10^6-column file would otherwise cost gigabytes of Python objects before the width check.
+    Commas inside quotes make the count an upper bound, so a quoted header is left to ``_csv_header``."""
+    end = text.find("\n")
+    first = text if end < 0 else text[:end]
+    if '"' not in first and first.count(",") + 1 > max_columns:
+        raise DataError(f"line 1: the header has {first.count(',') + 1} columns; at most {max_columns} are "
+                        "allowed", line=1)
+
+
+def _csv_header(cells: list[str] | None,
+                max_columns: int = MAX_COLUMNS) -> tuple[list[str], int | None, list[tuple[int, str]]]:
     """Check the header row (line 1): (column names, index of ``label`` or None, [(index, name)] of features)."""
     if not cells or not any(h.strip() for h in cells):
         raise DataError("the CSV file is empty; it needs a header row", line=1)
+    if len(cells) > max_columns:
+        raise DataError(f"line 1: the header has {len(cells)} columns; at most {max_columns} are allowed", line=1)
     header = [h.strip() for h in cells]
     if all(not h or _is_number(h) for h in header):
         example = ",".join(f"f{i}" for i in range(len(header))) if len(header) <= 4 \
@@ -108,7 +137,7 @@ def _csv_header(cells: list[str] | None) -> tuple[list[str], int | None, list[tu
         )
     if len(set(header)) != len(header):
         duplicate = next(h for h in header if header.count(h) > 1)
-        raise DataError(f"line 1: column '{duplicate}' appears twice", line=1)
+        raise DataError(f"line 1: column {_shown(duplicate)} appears twice", line=1)
     label_index = header.index(LABEL_COLUMN) if LABEL_COLUMN in header else None
     feature_columns = [(i, h) for i, h in enumerate(header) if i != label_index]
     if not feature_columns:
@@ -116,7 +145,8 @@ def _csv_header(cells: list[str] | None) -> tuple[list[str], int | None, list[tu
     return header, label_index, feature_columns
 
 
-def _read_csv_rows(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
+def _read_csv_rows(text: str, max_rows: int | None,
+                   max_columns: int = MAX_COLUMNS) -> tuple[list[list[float]], list[int] | None]:
     """The reference CSV parser: row by row with the csv module; every error names its line (and column).
 
     Slow (a Python float per cell); ``_read_csv`` tries ``_read_csv_fast`` first and comes here only
@@ -124,16 +154,21 @@ def _read_csv_rows(text: str, max_rows: int | None) -> tuple[list[list[float]], 
     """
     reader = csv.reader(io.StringIO(text))
     try:
-        return _csv_rows(reader, max_rows)
-    except csv.Error as exc:  # e.g. a lone CR inside a line
+        return _csv_rows(reader, max_rows, max_columns)
+    except csv.Error as exc:  # a lone CR inside a line, a field over the csv module's size limit
         line = max(1, reader.line_num)
-        reason = "a carriage return (CR) inside a line; save the file with LF or CRLF line endings" \
-            if "new-line character" in str(exc) else str(exc)
+        if "new-line character" in str(exc):
+            reason = "a carriage return (CR) inside a line; save the file with LF or CRLF line endings"
+        elif "field limit" in str(exc):
+            reason = f"a field is longer than {csv.field_size_limit()} characters"
+        else:
+            reason = str(exc)
         raise DataError(f"line {line}: not valid CSV: {reason}", line=line) from None
 
 
-def _csv_rows(reader, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
-    header, label_index, feature_columns = _csv_header(next(reader, None))
+def _csv_rows(reader, max_rows: int | None,
+              max_columns: int = MAX_COLUMNS) -> tuple[list[list[float]], list[int] | None]:
+    header, label_index, feature_columns = _csv_header(next(reader, None), max_columns)
     rows: list[list[float]] = []
     labels: list[int] | None = [] if label_index is not None else None
     for line_index, row in enumerate(reader, start=2):
@@ -149,7 +184,8 @@ def _csv_rows(reader, max_rows: int | None) -> tuple[list[list[float]], list[int
     return rows, labels
 
 
-def _read_csv_fast(text: str, max_rows: int | None) -> tuple[np.ndarray, np.ndarray | None] | None:
+def _read_csv_fast(text: str, max_rows: int | None,
+                   max_columns: int = MAX_COLUMNS) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Vectorized CSV parsing: (features (N, D) float32, labels (N,) int64 or None), or None to decline.
 
     The header goes through the csv module and ``_csv_header`` (so its errors are the reference ones); the
@@ -164,7 +200,11 @@ def _read_csv_fast(text: str, max_rows: int | None) -> tuple[np.ndarray, np.ndar
     lines = text.split("\n")  # one str per line: no Python objects per cell
     if '"' in lines[0]:
         return None  # a quoted header may span lines: leave it to the csv module
-    header, label_index, _ = _csv_header(next(csv.reader(lines[:1]), None))
+    try:
+        cells = next(csv.reader(lines[:1]), None)
+    except csv.Error:
+        return None  # e.g. a header field over the csv module's size limit: the reference parser names it
+    header, label_index, _ = _csv_header(cells, max_columns)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # e.g. "input contained no data": decline
@@ -195,13 +235,15 @@ def _read_csv_fast(text: str, max_rows: int | None) -> tuple[np.ndarray, np.ndar
     return features, labels
 
 
-def _read_csv(text: str, max_rows: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _read_csv(text: str, max_rows: int | None,
+              max_columns: int = MAX_COLUMNS) -> tuple[torch.Tensor, torch.Tensor | None]:
     """CSV text as (features (N, D) float32, labels (N,) int64 or None): fast path, else the row-by-row one."""
-    fast = _read_csv_fast(text, max_rows)
+    _check_width(text, max_columns)
+    fast = _read_csv_fast(text, max_rows, max_columns)
     if fast is not None:
         features, labels = fast
         return torch.from_numpy(features), (torch.from_numpy(labels) if labels is not None else None)
-    rows, labels = _read_csv_rows(text, max_rows)
+    rows, labels = _read_csv_rows(text, max_rows, max_columns)
     return _tensors(rows, labels)
 
 
@@ -223,7 +265,19 @@ def _finite(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], list[int] | None]:
+def parse_json_line(raw: str, line: int) -> object:
+    """One JSONL line parsed, or DataError naming the line: invalid JSON, nesting deeper than
+    :data:`distill.safe_json.MAX_DEPTH`, or an integer of more than 4300 digits."""
+    try:
+        return safe_json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"line {line}: not valid JSON ({exc.msg})", line=line) from None
+    except safe_json.JSONLimitError as exc:
+        raise DataError(f"line {line}: {exc}", line=line) from None
+
+
+def _read_jsonl(text: str, max_rows: int | None,
+                max_columns: int = MAX_COLUMNS) -> tuple[list[list[float]], list[int] | None]:
     rows: list[list[float]] = []
     labels: list[int] = []
     labeled: bool | None = None
@@ -231,15 +285,15 @@ def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], lis
     for line_index, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"line {line_index}: not valid JSON ({exc.msg})", line=line_index) from None
+        record = parse_json_line(raw, line_index)
         if not isinstance(record, dict) or "features" not in record:
             raise DataError(f"line {line_index}: expected an object with a 'features' list", line=line_index)
         features = record["features"]
         if not isinstance(features, list) or not features:
             raise DataError(f"line {line_index}: 'features' must be a non-empty list of numbers", line=line_index)
+        if len(features) > max_columns:
+            raise DataError(f"line {line_index}: {len(features)} features; at most {max_columns} columns are allowed",
+                            line=line_index)
         if rows and len(features) != len(rows[0]):
             raise DataError(
                 f"line {line_index}: {len(features)} features, earlier lines have {len(rows[0])}", line=line_index
@@ -248,10 +302,11 @@ def _read_jsonl(text: str, max_rows: int | None) -> tuple[list[list[float]], lis
         for j, value in enumerate(features):
             number = _finite(value)
             if number is None:
-                raise DataError(f"line {line_index}: features[{j}] = {value!r} is not a finite number", line=line_index)
-            if abs(number) >= FLOAT32_OVERFLOW:
-                raise DataError(f"line {line_index}: features[{j}] = {value!r} is too large for a float32 feature",
+                raise DataError(f"line {line_index}: features[{j}] = {_shown(value)} is not a finite number",
                                 line=line_index)
+            if abs(number) >= FLOAT32_OVERFLOW:
+                raise DataError(f"line {line_index}: features[{j}] = {_shown(value)} is too large for a float32 "
+                                "feature", line=line_index)
             row.append(number)
         has_label = "label" in record and record["label"] is not None
         if labeled is None:
@@ -289,15 +344,19 @@ def read_text(path: str | Path) -> str:
         raise DataError(f"cannot read the dataset file: {exc.strerror}") from None
 
 
-def load_dataset(path: str | Path, max_rows: int | None = None, format: str | None = None) -> TabularDataset:
-    """Parse and check a dataset file. Raises DataError naming the line at fault."""
+def load_dataset(path: str | Path, max_rows: int | None = None, format: str | None = None,
+                 max_columns: int = MAX_COLUMNS) -> TabularDataset:
+    """Parse and check a dataset file. Raises DataError naming the line at fault.
+
+    ``max_columns`` caps the CSV header's columns (label included) and a JSONL line's features;
+    the CSV header is checked before any row is parsed."""
     path = Path(path)
     text = read_text(path)
     format = format or detect_format(path, text)
     if format == "jsonl":
-        features, label_tensor = _tensors(*_read_jsonl(text, max_rows))
+        features, label_tensor = _tensors(*_read_jsonl(text, max_rows, max_columns))
     else:
-        features, label_tensor = _read_csv(text, max_rows)
+        features, label_tensor = _read_csv(text, max_rows, max_columns)
     if len(features) == 0:
         raise DataError("the file has no data rows")
     if features.shape[1] > MAX_FEATURES:

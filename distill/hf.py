@@ -35,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from . import safe_json
 from .errors import DistillError, ModelFormatError, SpecError, VocabularyMismatch
 from .models import count_parameters
 
@@ -66,6 +67,7 @@ LAYER_INDEX_ATTRIBUTES = ("layer_idx", "layer_id", "layer_index")
 # Where the block list sits under ``model.base_model`` in the common families.
 KNOWN_LAYER_PATHS = ("layers", "h", "encoder.layer", "transformer.layer", "decoder.layers", "blocks", "layer")
 _SAFE = {"trust_remote_code": False, "local_files_only": True}
+MAX_JSON_BYTES = 64 << 20  # config.json / tokenizer_config.json / the shard index: real ones are KiB to a few MiB
 TASKS = ("causal_lm", "text_classification")
 
 
@@ -100,12 +102,19 @@ def _refuse_pickles(path: Path) -> None:
 
 
 def _read_json(path: Path, name: str) -> dict:
+    """A JSON object file of the model directory, read before transformers parses it: at most
+    MAX_JSON_BYTES, nesting and integers bounded (distill.safe_json), so a hostile config is a
+    ModelFormatError naming the file rather than a RecursionError or an out-of-memory."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ModelFormatError(f"{name} is larger than {MAX_JSON_BYTES} bytes")
+        data = safe_json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ModelFormatError(f"the model directory has no {name}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelFormatError(f"{name} is not valid JSON: {exc}") from None
+    except safe_json.JSONLimitError as exc:
+        raise ModelFormatError(f"{name}: {exc}") from None
     except OSError as exc:
         raise ModelFormatError(f"cannot read {name}: {exc.strerror}") from None
     if not isinstance(data, dict):

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import safe_json
 from .errors import ModelFormatError
 
 __all__ = [
@@ -80,7 +81,7 @@ class MLPArchitecture:
                 raise ModelFormatError(
                     f"hidden_dims[{i}] must be an integer in [1, {MAX_LAYER_WIDTH}], got {width!r}", param=f"hidden_dims[{i}]"
                 )
-        if self.activation not in ACTIVATIONS:
+        if not isinstance(self.activation, str) or self.activation not in ACTIVATIONS:  # a list is unhashable
             raise ModelFormatError(
                 f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}", param="activation"
             )
@@ -174,9 +175,11 @@ def read_architecture(path: str | Path) -> MLPArchitecture:
             param=ARCHITECTURE_KEY,
         )
     try:
-        raw = json.loads(metadata[ARCHITECTURE_KEY])
+        raw = safe_json.loads(metadata[ARCHITECTURE_KEY])
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"'{ARCHITECTURE_KEY}' is not valid JSON: {exc}", param=ARCHITECTURE_KEY) from exc
+    except safe_json.JSONLimitError as exc:
+        raise ModelFormatError(f"'{ARCHITECTURE_KEY}': {exc}", param=ARCHITECTURE_KEY) from None
     architecture = MLPArchitecture.from_dict(raw)
     expected = _expected_shapes(architecture)
     for name, shape in expected.items():

@@ -14,14 +14,13 @@ Other keys are allowed and ignored, but a line may not mix the kinds' keys (``te
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import DataError, ModelFormatError, SpecError
-from .data import read_text
+from .data import _shown, parse_json_line, read_text
 
 __all__ = [
     "KINDS",
@@ -71,9 +70,9 @@ def _string(record: dict, key: str, line: int, allow_empty: bool = False) -> str
 def _label(record: dict, line: int) -> int:
     value = record["label"]
     if isinstance(value, bool) or not isinstance(value, int):
-        raise DataError(f"line {line}: label {value!r} must be an integer (a class index >= 0)", line=line)
+        raise DataError(f"line {line}: label {_shown(value)} must be an integer (a class index >= 0)", line=line)
     if not 0 <= value < MAX_CLASSES:
-        raise DataError(f"line {line}: label {value} must be in [0, {MAX_CLASSES})", line=line)
+        raise DataError(f"line {line}: label {_shown(value)} must be in [0, {MAX_CLASSES})", line=line)
     return value
 
 
@@ -85,10 +84,7 @@ def _parse(path: str | Path, max_rows: int | None) -> tuple[str, list[dict]]:
     for line, raw in enumerate(_read_lines(path), start=1):
         if not raw.strip():
             continue
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"line {line}: not valid JSON ({exc.msg})", line=line) from None
+        record = parse_json_line(raw, line)  # DataError for bad JSON, deep nesting, 4300-digit integers
         if not isinstance(record, dict):
             raise DataError(f"line {line}: expected a JSON object, got {type(record).__name__}", line=line)
         line_kind = _kind_of(record, line)

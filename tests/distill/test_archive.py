@@ -149,6 +149,7 @@ def test_zip_bomb_with_lying_header_counted_while_streaming(tmp_path, monkeypatc
     bomb = _zip(tmp_path / "bomb.zip", [("m/a.bin", bytes(600 * 1024)), ("m/b.bin", bytes(600 * 1024))])
     import distill.archive as archive_module
 
+    monkeypatch.setattr(archive_module._Extractor, "check_declared", lambda self, entries: None)  # headers lie
     original_file = archive_module._Extractor.file
     monkeypatch.setattr(archive_module._Extractor, "file",
                         lambda self, name, size, stream: original_file(self, name, 0, stream))  # header says 0 bytes
@@ -165,3 +166,48 @@ def test_macos_metadata_is_skipped(tmp_path):
     model_dir = extract_archive(archive, tmp_path / "dest", max_total_bytes=MB)
     assert model_dir == tmp_path / "dest" / "m"
     assert not (tmp_path / "dest" / "__MACOSX").exists()
+
+
+def _writes(monkeypatch) -> list[str]:
+    """The entries extraction starts writing (calls to _Extractor.file), recorded."""
+    import distill.archive as archive_module
+
+    started: list[str] = []
+    original_file = archive_module._Extractor.file
+
+    def recording(self, name, size, stream):
+        started.append(name)
+        return original_file(self, name, size, stream)
+
+    monkeypatch.setattr(archive_module._Extractor, "file", recording)
+    return started
+
+
+def test_zip_bomb_refused_by_declared_sizes_before_a_byte_is_written(tmp_path, monkeypatch):
+    started = _writes(monkeypatch)
+    entries = [("m/config.json", b"{}")] + [(f"m/zeros{i}.bin", bytes(MB)) for i in range(8)]  # 8 MiB, ~8 KiB packed
+    error = _refused(_zip(tmp_path / "bomb.zip", entries), tmp_path / "dest", "declares", max_total_bytes=4 * MB)
+    assert "'m/zeros3.bin'" in error.message  # 2 + 4 x 1 MiB: where the declared total crosses 4 MiB
+    assert started == [], "extraction began before the declared sizes were checked"
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+
+
+def test_tar_member_declaring_more_than_the_limit_is_refused_before_it_is_written(tmp_path):
+    """A tar member's size is in its header: a member that would take the total past the limit is
+    refused before its data is read (here there is none: the header promises 1 GiB, the file stops)."""
+    info = tarfile.TarInfo("m/huge.bin")
+    info.size = 1 << 30
+    archive = tmp_path / "a.tar"
+    small = tarfile.TarInfo("m/config.json")
+    small.size = 2
+    with open(archive, "wb") as out:
+        out.write(small.tobuf() + b"{}".ljust(512, b"\0") + info.tobuf())
+    error = _refused(archive, tmp_path / "dest", "declares", max_total_bytes=MB)
+    assert "'m/huge.bin'" in error.message
+
+
+def test_declared_sizes_within_the_limit_extract(tmp_path, monkeypatch):
+    started = _writes(monkeypatch)
+    entries = [("m/config.json", b"{}"), ("m/w.bin", bytes(MB))]
+    assert extract_archive(_zip(tmp_path / "ok.zip", entries), tmp_path / "d", max_total_bytes=MB + 2).name == "m"
+    assert started == ["m/config.json", "m/w.bin"]

@@ -441,3 +441,78 @@ def test_split_is_deterministic_by_seed():
 def test_split_needs_two_rows():
     with pytest.raises(DataError):
         split_dataset(_indexed(1), 0.5, seed=0)
+
+
+# --- hostile files: limits checked cheaply, errors that name the line -----------------------------------
+
+def _wide_header(columns: int) -> str:
+    return ",".join(f"c{i}" for i in range(columns))
+
+
+def test_csv_header_wider_than_max_columns_is_refused_before_any_row_is_parsed(tmp_path, monkeypatch):
+    import distill.data as data
+
+    def never(*args, **kwargs):
+        raise AssertionError("the body was parsed")
+
+    monkeypatch.setattr(data, "_read_csv_fast", never)
+    monkeypatch.setattr(data, "_read_csv_rows", never)
+    path = _write(tmp_path, "wide.csv", _wide_header(70_000) + "\n" + ",".join(["0"] * 70_000) + "\n")
+    with pytest.raises(DataError) as info:
+        load_dataset(path)  # the default: 65,536 columns, the engine's MAX_FEATURES
+    assert info.value.line == 1 and "70000 columns" in info.value.message and "65536" in info.value.message
+    with pytest.raises(DataError, match="4 columns; at most 3"):
+        load_dataset(_write(tmp_path, "d.csv", "a,b,c,label\n1,2,3,0\n"), max_columns=3)
+
+
+def test_quoted_csv_header_wider_than_max_columns(tmp_path):
+    """Commas inside quotes don't count as columns, so a quoted header is counted by the csv module."""
+    assert load_dataset(_write(tmp_path, "ok.csv", '"a,b",c\n1,2\n'), max_columns=2).num_features == 2
+    with pytest.raises(DataError) as info:
+        load_dataset(_write(tmp_path, "d.csv", '"a",b,c\n1,2,3\n'), max_columns=2)
+    assert info.value.line == 1 and "3 columns" in info.value.message
+
+
+def test_jsonl_features_beyond_max_columns(tmp_path):
+    path = _write(tmp_path, "d.jsonl", _jsonl({"features": [1, 2]}, {"features": [1, 2, 3, 4]}))
+    with pytest.raises(DataError) as info:
+        load_dataset(path, max_columns=3)
+    assert info.value.line == 2 and "4 features" in info.value.message
+
+
+@pytest.mark.parametrize("content, line", [
+    (b"a" * 140_000 + b",label\n1,0\n", 1),  # the header: once an uncaught csv.Error in the fast path
+    (b"a,label\n" + b"1" * 140_000 + b",0\n", 2),
+    (b'a,label\n"' + b"1" * 140_000 + b'",0\n', 2),
+])
+def test_csv_field_over_the_size_limit_names_the_line(tmp_path, content, line):
+    path = tmp_path / "d.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    assert info.value.line == line and "longer than 131072 characters" in info.value.message
+    assert len(info.value.message) < 300  # the field is not echoed back
+
+
+def test_huge_cells_are_not_echoed_in_errors(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_dataset(_write(tmp_path, "d.csv", "a,b\n1," + "x" * 100_000 + "\n"))
+    assert info.value.line == 2 and "100002 characters" in info.value.message and len(info.value.message) < 300
+
+
+@pytest.mark.parametrize("line_text, fragment", [
+    ('{"features": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+    ('{"features": [1], "meta": ' + "{\"a\": " * 100 + "1" + "}" * 100 + "}", "nested deeper than 64 levels"),
+    ('{"features": [' + "1" * 5000 + "]}", "more than 4300 digits"),
+    ('{"features": [1], "label": ' + "1" * 5000 + "}", "more than 4300 digits"),
+])
+def test_jsonl_deep_nesting_and_huge_integers_name_the_line(tmp_path, line_text, fragment):
+    path = _write(tmp_path, "d.jsonl", _jsonl({"features": [1]}, line_text))
+    with pytest.raises(DataError) as info:
+        load_dataset(path)
+    assert info.value.line == 2 and f"line 2: " in info.value.message and fragment in info.value.message
+
+
+def test_jsonl_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
+    path = _write(tmp_path, "d.jsonl", _jsonl({"features": [1, 2], "note": "[" * 500 + "{" * 500}))
+    assert load_dataset(path).num_features == 2

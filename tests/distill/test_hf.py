@@ -125,6 +125,27 @@ def test_missing_or_broken_config(gpt2_dir, tmp_path):
         hf.inspect_model_dir(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("hostile, fragment", [
+    ('{"model_type": "gpt2", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+    ('{"model_type": "gpt2", "n_embd": ' + "1" * 5000 + "}", "more than 4300 digits"),
+])
+def test_hostile_config_json_names_the_file(gpt2_dir, tmp_path, name, hostile, fragment):
+    """Once a RecursionError / bare ValueError out of the upload's inspection (a 500)."""
+    model_dir = _copy(gpt2_dir, tmp_path)
+    (model_dir / name).write_text(hostile)
+    with pytest.raises(ModelFormatError) as caught:
+        hf.inspect_model_dir(model_dir)
+    assert caught.value.message.startswith(f"{name}: ") and fragment in caught.value.message
+
+
+def test_oversized_config_json_is_refused_unread(gpt2_dir, tmp_path, monkeypatch):
+    model_dir = _copy(gpt2_dir, tmp_path)
+    monkeypatch.setattr(hf, "MAX_JSON_BYTES", 64)
+    with pytest.raises(ModelFormatError, match="config.json is larger than 64 bytes"):
+        hf.inspect_model_dir(model_dir)
+
+
 def test_weights_must_be_safetensors(gpt2_dir, tmp_path):
     model_dir = _copy(gpt2_dir, tmp_path)
     (model_dir / "model.safetensors").rename(model_dir / "other.safetensors")

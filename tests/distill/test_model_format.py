@@ -218,9 +218,21 @@ def test_invalid_architecture_json(tmp_path):
     assert "JSON" in info.value.message
 
 
+@pytest.mark.parametrize("raw, fragment", [
+    ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),
+    ('{"input_dim": ' + "1" * 5000 + "}", "more than 4300 digits"),
+])
+def test_hostile_architecture_json(tmp_path, raw, fragment):
+    path = _write_raw(tmp_path / "m.safetensors", _valid_tensors(ARCH), raw)
+    with pytest.raises(ModelFormatError) as info:
+        read_architecture(path)
+    assert info.value.param == "distill_architecture" and fragment in info.value.message
+
+
 @pytest.mark.parametrize("bad,param", [
     ({**ARCH_JSON, "kind": "cnn"}, "kind"),
     ({**ARCH_JSON, "activation": "swish"}, "activation"),
+    ({**ARCH_JSON, "activation": ["relu"]}, "activation"),  # unhashable: once a TypeError
     ({**ARCH_JSON, "num_classes": 1}, "num_classes"),
     ({**ARCH_JSON, "hidden_dims": [7, -6]}, "hidden_dims[1]"),
     ({**ARCH_JSON, "dropout": 0.1}, "dropout"),

@@ -172,3 +172,16 @@ def test_bos_added_when_the_tokenizer_adds_one():
                          packing=False)
     assert pc["input_ids"][0].tolist() == [bos, *_ids(tok, "the cat"), tok.eos_token_id]
     assert pc["loss_mask"][0].tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("hostile, fragment", [
+    ('{"text": "b", "meta": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper than 64 levels"),
+    ('{"text": "b", "label": ' + "1" * 5000 + "}", "more than 4300 digits"),
+    ('{"text": "b", "label": ' + "9" * 4000 + "}", "must be in"),
+])
+def test_hostile_json_lines_name_the_line(tmp_path, hostile, fragment):
+    """Once a RecursionError / bare ValueError (a 500 on upload); now a DataError naming the line."""
+    with pytest.raises(DataError) as caught:
+        inspect_text_dataset(_write(tmp_path, [{"text": "a", "label": 0}, hostile]))
+    assert caught.value.line == 2 and "line 2: " in caught.value.message and fragment in caught.value.message
+    assert len(caught.value.message) < 300
