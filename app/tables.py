@@ -9,10 +9,11 @@ from __future__ import annotations
 import secrets
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-__all__ = ["Base", "FileRecord", "Job", "JobEvent", "ModelRecord", "new_id", "utcnow", "DEFAULT_TENANT"]
+__all__ = ["Base", "FileRecord", "Job", "JobEvent", "ModelRecord", "ApiKey", "IdempotencyKey", "new_id", "utcnow",
+           "DEFAULT_TENANT"]
 
 DEFAULT_TENANT = "default"
 
@@ -93,4 +94,36 @@ class ModelRecord(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     storage_key: Mapped[str] = mapped_column(String(512))
     evaluation: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class ApiKey(Base):
+    """A tenant's API key. Only the key's sha256 is kept: the key itself is shown once, at creation
+    (``distill-admin keys create``). Keys are 256-bit random, so a plain hash is enough (no salt,
+    no slow KDF: there is nothing to brute-force)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("key_sha256", name="uq_api_keys_key_sha256"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "key-…", shown in listings
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)  # the tenant's name
+    key_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class IdempotencyKey(Base):
+    """One ``Idempotency-Key`` of a tenant: the request it was first used with and, once that
+    finished, its response (replayed for 24 h). ``status_code`` is null while the first request is
+    in flight; the unique (tenant, key) makes a concurrent duplicate lose the insert race."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "key", name="uq_idempotency_keys_tenant_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String(255))
+    request_sha256: Mapped[str] = mapped_column(String(64))  # method + path + body (or file bytes + form fields)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

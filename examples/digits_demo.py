@@ -3,8 +3,9 @@ a sample distillation.
 
 1. Train a teacher MLP on scikit-learn's bundled digits (8x8 images, 10 classes) in a
    few seconds and export it in the model file format.
-2. Migrate the database, start the API (uvicorn) and a Celery worker beside it.
-3. Over HTTP: upload the teacher, the *unlabeled* training images (the transfer set)
+2. Migrate the database, start the API (uvicorn) and a Celery worker beside it, and
+   create an API key for a tenant "demo" (what `distill-admin keys create` does).
+3. Over HTTP, with that key: upload the teacher, the *unlabeled* training images (the transfer set)
    and a labeled held-out split; submit a job for a student with under 5% of the
    teacher's parameters; print progress while it runs; print the evaluation table and
    a few predictions.
@@ -32,6 +33,7 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from app.admin import create_api_key
 from distill.models import export_mlp
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +162,10 @@ def main() -> int:
     processes = start_service(port, args.workdir / "logs")
     print(f"service up at http://127.0.0.1:{port} (API docs at /docs); logs in {args.workdir / 'logs'}")
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=60) as http:
+        key_id, api_key = create_api_key("demo")  # the database is migrated by now
+        print(f"API key {key_id} for tenant 'demo' (distill-admin keys list / revoke)")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}/v1", timeout=60,
+                          headers={"Authorization": f"Bearer {api_key}"}) as http:
             teacher = upload(http, teacher_path, "model")
             training = upload(http, train_path, "dataset")
             validation = upload(http, val_path, "dataset")

@@ -12,6 +12,8 @@ import time
 import uuid
 from pathlib import Path
 
+import json
+
 import httpx
 import psycopg2
 import pytest
@@ -33,6 +35,17 @@ def _admin(statement: str) -> None:
             cursor.execute(statement)
     finally:
         connection.close()
+
+
+def create_api_key(env: dict, tenant: str) -> dict:
+    """``distill-admin keys create --tenant`` against the database of ``env``: {"id", "tenant", "key"}."""
+    result = subprocess.run([sys.executable, "-m", "app.admin", "keys", "create", "--tenant", tenant, "--json"],
+                            cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+    return json.loads(result.stdout)
+
+
+def bearer(key: str) -> dict:
+    return {"Authorization": f"Bearer {key}"}
 
 
 def _free_port() -> int:
@@ -66,12 +79,15 @@ def service_env(tmp_path_factory) -> dict:
         "DISTILL_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         "DISTILL_CHECKPOINT_INTERVAL_S": "0",
         "DISTILL_MODELS_DIR": str(root / "server-models"),
+        # Tests submit jobs faster than the workers finish them; the limit has tests of its own (test_auth.py).
+        "DISTILL_TENANT_MAX_RUNNING_JOBS": "1000",
         "PYTHONUNBUFFERED": "1",
     }
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     (root / "server-models").mkdir()
     env["_LOGS"] = str(root)
+    env["_API_KEY"] = create_api_key(env, "test")["key"]  # the tenant every `client` request acts as
     yield env
     _admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
@@ -133,9 +149,14 @@ def workers(service_env) -> list[subprocess.Popen]:
         _stop(process)
 
 
+@pytest.fixture(scope="session")
+def api_key(service_env) -> str:
+    return service_env["_API_KEY"]
+
+
 @pytest.fixture
-def client(api_url) -> httpx.Client:
-    with httpx.Client(base_url=api_url + "/v1", timeout=60) as http:
+def client(api_url, api_key) -> httpx.Client:
+    with httpx.Client(base_url=api_url + "/v1", timeout=60, headers=bearer(api_key)) as http:
         yield http
 
 

@@ -22,10 +22,10 @@ def problem_of(response, status: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uploaded(api_url, problem):
+def uploaded(api_url, api_key, problem):
     import httpx
 
-    with httpx.Client(base_url=api_url + "/v1", timeout=60) as http:
+    with httpx.Client(base_url=api_url + "/v1", timeout=60, headers={"Authorization": f"Bearer {api_key}"}) as http:
         return {"teacher": upload(http, problem.teacher, "model"),
                 "training": upload(http, problem.train_csv, "dataset"),
                 "validation": upload(http, problem.val_csv, "dataset")}

@@ -19,10 +19,10 @@ from .helpers import events, submit, upload, upload_bytes, wait_for
 
 
 @pytest.fixture(scope="module")
-def uploaded(api_url, language):
+def uploaded(api_url, api_key, language):
     import httpx
 
-    with httpx.Client(base_url=api_url + "/v1", timeout=120) as http:
+    with httpx.Client(base_url=api_url + "/v1", timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as http:
         return {"teacher": upload(http, language.teacher_archive, "model"),
                 "train": upload(http, language.train_jsonl, "dataset"),
                 "val": upload(http, language.val_jsonl, "dataset"),
