@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     """Device the API process serves /predict on."""
     max_upload_bytes: int = 512 * MiB
     """Largest accepted upload; larger bodies get 413."""
-    max_extracted_bytes: int = 8 * 1024 * MiB
-    """Largest total size a model archive may unpack to (zip bombs stop here)."""
+    max_extracted_bytes: int | None = None
+    """Largest total size a model archive may unpack to (zip bombs stop here). Unset: 4 x max_upload_bytes
+    (see ``extracted_bytes_limit``): safetensors weights barely compress, so a real model archive unpacks to
+    little more than its own size, while a bomb's ratio is in the hundreds."""
     models_dir: Path | None = None
     """Allow-listed root for server-side teachers/students given as {"path": ...}; unset = disabled."""
     max_dataset_rows: int = 5_000_000
@@ -64,10 +66,23 @@ class Settings(BaseSettings):
     model_cache_size: int = 8
     """Finished models kept loaded in memory for /predict."""
     max_predict_inputs: int = 10_000
+    tenant_max_running_jobs: int = 8
+    """A tenant with this many queued + running jobs gets 429 on the next submit."""
+    tenant_max_storage_bytes: int = 50 * 1024 * MiB
+    """An upload that would take a tenant's stored files (sum of their bytes) past this gets 413."""
 
     @property
     def broker_dir(self) -> Path:
         return self.artifacts_dir.parent / "broker"
+
+    max_dataset_columns: int = 65_536
+    """Most columns a CSV dataset's header may have (label included), and most features on a JSONL line;
+    checked on the header before any row is parsed. The engine takes at most 65,536 features."""
+
+    @property
+    def extracted_bytes_limit(self) -> int:
+        """``max_extracted_bytes``, or 4 x ``max_upload_bytes`` when it is not set."""
+        return self.max_extracted_bytes if self.max_extracted_bytes is not None else 4 * self.max_upload_bytes
 
 
 @lru_cache

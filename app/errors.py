@@ -15,6 +15,7 @@ in ``errors`` and the first one in ``param``. Anything else is a 500, which is a
 from __future__ import annotations
 
 import logging
+import sys
 from http import HTTPStatus
 
 from fastapi import FastAPI, Request
@@ -76,7 +77,29 @@ def problem_response(status: int, code: str, detail: str, instance: str, param: 
 
 def _location(error: dict) -> str:
     """('body', 'hyperparameters', 'epochs') -> 'hyperparameters.epochs' (the field as the user wrote it)."""
+    if error.get("type") == "json_invalid":  # loc is ('body', <character offset>), not a field
+        return "body"
     return error_param(error) or str(error["loc"][0] if error["loc"] else "body")
+
+
+def _message(error: dict) -> str:
+    if error.get("type") == "json_invalid":  # "JSON decode error" -> say where and why
+        return f"invalid JSON at character {error['loc'][-1]}: {(error.get('ctx') or {}).get('error', '')}".rstrip(": ")
+    return error["msg"]
+
+
+def _unreadable_body(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """A body FastAPI could not parse. JSON too deep for the parser (RecursionError) or holding an
+    integer over Python's 4300-digit conversion limit (ValueError) is a 422 like any invalid JSON;
+    anything else (a malformed multipart form, say) stays a 400. Either way ``param`` is "body"."""
+    cause = exc.__cause__
+    if isinstance(cause, RecursionError):
+        return problem_response(422, "invalid_request", "the JSON body is nested too deeply", request.url.path,
+                                "body")
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return problem_response(422, "invalid_request", "the JSON body holds an integer of more than "
+                                f"{sys.get_int_max_str_digits()} digits", request.url.path, "body")
+    return problem_response(400, "bad_request", str(exc.detail), request.url.path, "body")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -86,13 +109,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
-        errors = [{"param": _location(e), "message": e["msg"]} for e in exc.errors()]
+        errors = [{"param": _location(e), "message": _message(e)} for e in exc.errors()]
         first = errors[0] if errors else {"param": None, "message": "invalid request"}
         detail = "; ".join(f"{e['param']}: {e['message']}" for e in errors[:5])
         return problem_response(422, "invalid_request", detail, request.url.path, first["param"], errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400:  # FastAPI / Starlette could not read the request body
+            return _unreadable_body(request, exc)
         code = "not_found" if exc.status_code == 404 else "http_error"
         return problem_response(exc.status_code, code, str(exc.detail), request.url.path)
 

@@ -9,20 +9,30 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from fastapi import FastAPI  # noqa: E402
+from fastapi import Depends, FastAPI  # noqa: E402
 from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .api.deps import current_tenant
 from .api.routes import completions, files, jobs, models
 from .config import get_settings
 from .db import get_engine
-from .errors import install_error_handlers, problem_response
+from .errors import PayloadTooLarge, install_error_handlers, problem_response
+from .problems import install_headered_errors
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(PayloadTooLarge, StarletteHTTPException):
+    """A body found too large while it streams in (chunked, no Content-Length). It is an HTTPException
+    too, so FastAPI's body parsing re-raises it rather than turning it into "400 error parsing the body";
+    the ApiError handler (first in the MRO) then answers the same 413 as the Content-Length check."""
+
+    def __init__(self, max_bytes: int):
+        PayloadTooLarge.__init__(self, f"the request body is larger than the {max_bytes}-byte upload limit",
+                                 param="file")
+        StarletteHTTPException.__init__(self, 413, self.detail)
 
 
 class LimitBodySize:
@@ -47,7 +57,7 @@ class LimitBodySize:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise BodyTooLarge
+                raise BodyTooLarge(self.max_bytes)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -73,8 +83,11 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Distillation service", version="0.1.0",
                   description="Turn a trained teacher model into a small, fast student.")
     install_error_handlers(app)
+    install_headered_errors(app)
     for module in (files, jobs, models, completions):
-        app.include_router(module.router, prefix="/v1")
+        # Every /v1 route needs an API key, even one that forgets to take CurrentTenant (which each
+        # route does, to scope its lookups; FastAPI resolves the dependency once per request).
+        app.include_router(module.router, prefix="/v1", dependencies=[Depends(current_tenant)])
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict:

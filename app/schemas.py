@@ -11,6 +11,10 @@ from distill.spec import JobOptions, StudentForms, check_student_for_task
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FilePurpose = Literal["dataset", "model"]
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+"""Every id this service mints ("file-<hex>", "job-<hex>", "model-<hex>") matches; anything else
+(a NUL byte, a control character, 10 kB of text) is refused before it reaches a query."""
+SERVER_PATH_PATTERN = r"^[^\x00-\x1f\x7f]+$"  # no NUL or control characters in a server-side path
 
 
 class Strict(BaseModel):
@@ -48,10 +52,11 @@ class Deleted(BaseModel):
 # ---- jobs --------------------------------------------------------------------------------------------------
 
 class TeacherRef(Strict):
-    file_id: str | None = Field(None, min_length=1, max_length=64,
+    file_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
                                 description="An uploaded model file or archive (purpose=model)")
-    model_id: str | None = Field(None, min_length=1, max_length=64, description="A finished model of this service")
-    path: str | None = Field(None, min_length=1, max_length=1024,
+    model_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
+                                 description="A finished model of this service")
+    path: str | None = Field(None, min_length=1, max_length=1024, pattern=SERVER_PATH_PATTERN,
                              description="A server-side model directory under DISTILL_MODELS_DIR")
 
     @model_validator(mode="after")
@@ -65,10 +70,11 @@ class StudentRef(StudentForms):
     """The student: an architecture, layers derived from the teacher, or a pretrained model
     (``file_id``/``model_id``/``path``). The forms without a file are declared in distill/spec.py."""
 
-    file_id: str | None = Field(None, min_length=1, max_length=64,
+    file_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
                                 description="A smaller pretrained model (uploaded archive)")
-    model_id: str | None = Field(None, min_length=1, max_length=64, description="A finished model of this service")
-    path: str | None = Field(None, min_length=1, max_length=1024,
+    model_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
+                                 description="A finished model of this service")
+    path: str | None = Field(None, min_length=1, max_length=1024, pattern=SERVER_PATH_PATTERN,
                              description="A server-side model directory under DISTILL_MODELS_DIR")
 
     def reference(self) -> dict | None:
@@ -83,9 +89,9 @@ class JobCreate(JobOptions):
 
     teacher: TeacherRef
     student: StudentRef
-    training_file: str = Field(..., min_length=1, max_length=64,
+    training_file: str = Field(..., min_length=1, max_length=64, pattern=ID_PATTERN,
                                description="Dataset file id: the transfer set (labels optional)")
-    validation_file: str | None = Field(None, min_length=1, max_length=64,
+    validation_file: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
                                         description="Dataset file id; else validation_split is held out")
 
     @field_validator("student")

@@ -12,8 +12,37 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from celery import signals  # noqa: E402
+
 from app.queue import make_celery  # noqa: E402
 
 celery_app = make_celery()
 celery_app.conf.update(worker_pool="solo", worker_concurrency=1, include=["worker.tasks"])
 app = celery_app
+
+
+@signals.worker_ready.connect
+def _start_reconciler(**_) -> None:
+    from . import reconciler
+
+    reconciler.start()
+
+
+@signals.worker_shutting_down.connect
+def _hand_jobs_back(**_) -> None:
+    """SIGTERM (a deploy): the running job checkpoints and goes back to the queue, and the
+    process exits within DISTILL_SHUTDOWN_GRACE_S even if the job can't stop in time (its
+    lease then expires and the reconciler re-queues it from its last checkpoint)."""
+    import os
+    import threading
+
+    from app.config import get_settings
+
+    from . import reconciler, runner
+
+    runner.request_shutdown()
+    reconciler.stop()
+    grace = get_settings().shutdown_grace_s
+    watchdog = threading.Timer(grace, lambda: os._exit(1))
+    watchdog.daemon = True  # a clean exit before the grace is up must not wait for it
+    watchdog.start()

@@ -1,15 +1,24 @@
-"""Run one job: claim its row, resolve its files, call the engine, record the outcome.
+"""Run one job: claim its row (a lease), resolve its files, call the engine, record the outcome.
 
-The engine never sees the database: it gets ``on_event`` and ``should_stop``
-callables from :class:`JobReporter`, which writes event rows, heartbeats the job
-row (with progress) at most once a second, and reads the cancel flag on the way.
+The engine never sees the database: it gets ``on_event`` and ``should_stop`` callables
+from :class:`JobLease`. A heartbeat thread renews the lease (with progress) every
+``HEARTBEAT_EVERY_S`` and reads the cancel flag; ``should_stop`` only reads flags, so
+the engine's checks cost nothing. Liveness is the process's, not the loop's: a long
+teacher pass or model load still heartbeats. Every write is fenced on the lease
+(:mod:`app.services.leases`): a worker whose job was handed on writes nothing more.
+
+Stops: a requested cancel, the job's time limit, a lost lease, and a worker shutdown
+(SIGTERM: :func:`request_shutdown`), after which the job is checkpointed by the engine
+and handed back to the queue for the next worker.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -18,7 +27,9 @@ from app import storage_keys
 from app.config import get_settings
 from app.db import session_scope
 from app.errors import ApiError
-from app.services import jobs
+from app.queue import enqueue_job
+from app.services import leases
+from app.services.leases import LeaseLost
 from app.services.references import dataset_path, resolve_dataset, resolve_model
 from app.storage import get_storage, work_dir_for
 from app.tables import FileRecord, ModelRecord, new_id
@@ -32,40 +43,74 @@ from distill.train import RunResult, run_distillation
 
 log = logging.getLogger(__name__)
 HEARTBEAT_EVERY_S = 1.0
+_shutdown = threading.Event()  # set on SIGTERM (worker_shutting_down): hand the running job back
 
 
-class JobReporter:
-    def __init__(self, job_id: str, max_seconds: float):
-        self.job_id = job_id
+def request_shutdown() -> None:
+    _shutdown.set()
+
+
+class JobLease:
+    """The worker's hold on one job: heartbeats, fenced event writes and the stop flags."""
+
+    def __init__(self, job_id: str, attempt: int, max_seconds: float):
+        self.job_id, self.attempt = job_id, attempt
         self.deadline = time.monotonic() + max_seconds
         self.progress: dict | None = None
-        self.last_poll = 0.0
         self.stop_reason: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> "JobLease":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        while not self._done.wait(HEARTBEAT_EVERY_S):
+            try:
+                with session_scope() as session:
+                    if leases.renew(session, self.job_id, self.attempt, self.progress):
+                        self._stop("cancelled")
+            except LeaseLost:
+                self._stop("lease_lost")
+            except Exception:  # a database hiccup: try again next beat; the reaper's timeout is generous
+                log.warning("heartbeat of %s failed", self.job_id, exc_info=True)
+            if time.monotonic() > self.deadline:
+                self._stop("time_limit")
+
+    def _stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def should_stop(self) -> bool:
+        if _shutdown.is_set():
+            self._stop("shutdown")
+        if self.stop_reason == "lease_lost":
+            # Not a stop the engine should checkpoint: the job is another worker's now, and this
+            # one must not write into its folder. Unwind at once.
+            raise LeaseLost(self.job_id)
+        return self.stop_reason is not None
 
     def on_event(self, kind: str, data: dict) -> None:
         if kind == "progress":
             self.progress = data
             return
-        with session_scope() as session:
-            if kind == "epoch":
-                message = f"epoch {data['epoch']}: train_loss={data['train_loss']:.4f}"
-                jobs.add_event(session, self.job_id, "metrics", message, data)
-                jobs.set_metrics(session, self.job_id, data, self.progress)
-            else:
-                message = f"stage {data['stage']}" if kind == "stage" else kind
-                jobs.add_event(session, self.job_id, kind, message, data)
-
-    def should_stop(self) -> bool:
-        now = time.monotonic()
-        if now - self.last_poll < HEARTBEAT_EVERY_S:
-            return False
-        self.last_poll = now
-        with session_scope() as session:
-            if jobs.heartbeat(session, self.job_id, self.progress):
-                self.stop_reason = "cancelled"
-        if now > self.deadline:
-            self.stop_reason = "time_limit"
-        return self.stop_reason is not None
+        try:
+            with session_scope() as session:
+                if kind == "epoch":
+                    loss = data.get("train_loss")
+                    message = f"epoch {data['epoch']}: train_loss=" + (f"{loss:.4f}" if loss is not None else "n/a")
+                    leases.record_event(session, self.job_id, self.attempt, "metrics", message, data)
+                    leases.set_metrics(session, self.job_id, self.attempt, data, self.progress)
+                else:
+                    message = f"stage {data['stage']}" if kind == "stage" else kind
+                    leases.record_event(session, self.job_id, self.attempt, kind, message, data)
+        except LeaseLost:
+            self._stop("lease_lost")
 
 
 def engine_spec(spec: dict, tenant: str) -> JobSpec:
@@ -109,8 +154,10 @@ def _reference_name(session, ref: dict) -> str:
     return ref.get("model_id") or Path(ref["path"]).name
 
 
-def register_model(job_id: str, tenant: str, task: str, result: RunResult) -> str:
-    """Hand the student (and any generated set) to storage and record it; the job succeeds in the same transaction."""
+def register_model(lease: JobLease, tenant: str, task: str, result: RunResult) -> str | None:
+    """Hand the student (and any generated set) to storage, record it and succeed the job in
+    one transaction. None (and nothing kept) when a cancel won or the lease was lost."""
+    job_id = lease.job_id
     storage = get_storage()
     model_id = new_id("model")
     architecture = result.architecture
@@ -134,9 +181,23 @@ def register_model(job_id: str, tenant: str, task: str, result: RunResult) -> st
                                 sha256=sha256, storage_key=key, evaluation=result.evaluation))
         session.flush()
         metrics = {**(result.history[-1] if result.history else {}), "evaluation": result.evaluation}
-        jobs.finish_job(session, job_id, "succeeded", metrics=metrics, result_model_id=model_id,
-                        result_files=result_files)
-    return model_id
+        if leases.succeed(session, job_id, lease.attempt, metrics, model_id, result_files):
+            return model_id
+        session.rollback()  # a cancel won, or the job is no longer ours: keep nothing
+    storage.delete(storage_keys.model_folder(model_id))
+    for file_id in result_files:
+        _drop_file(file_id)
+    with session_scope() as session:
+        leases.finish(session, job_id, lease.attempt, "cancelled")  # no-op when the lease is gone
+    return None
+
+
+def _drop_file(file_id: str) -> None:
+    with session_scope() as session:
+        record = session.get(FileRecord, file_id)
+        if record is not None:
+            session.delete(record)
+    get_storage().delete(storage_keys.file_folder(file_id))
 
 
 def register_generated(path, job_id: str, tenant: str) -> str:
@@ -151,43 +212,70 @@ def register_generated(path, job_id: str, tenant: str) -> str:
     return file_id
 
 
-def fail(job_id: str, code: str, message: str, param: str | None = None) -> None:
+def _finish(lease: JobLease, status: str, code: str | None = None, message: str = "",
+            param: str | None = None) -> None:
+    error = {"code": code, "message": message, "param": param} if code else None
     with session_scope() as session:
-        jobs.finish_job(session, job_id, "failed", error={"code": code, "message": message, "param": param})
+        leases.finish(session, lease.job_id, lease.attempt, status, error)
+
+
+def _hand_back(lease: JobLease, reason: str) -> None:
+    """The worker is shutting down: the job goes back to the queue (its checkpoint stays)."""
+    with session_scope() as session:
+        released = leases.release(session, lease.job_id, lease.attempt, reason)
+    if released:
+        enqueue_job(lease.job_id)
 
 
 def execute_job(job_id: str) -> None:
     settings = get_settings()
-    try:
-        device = resolve_device(settings.device)
-    except DistillError as exc:  # a misconfigured worker: fail the job, don't loop on it
-        return fail(job_id, exc.code, exc.message, exc.param)
-    with session_scope() as session:
-        job = jobs.claim_job(session, job_id, worker=socket.gethostname(), device=str(device))
-    if job is None:
-        log.info("job %s is not runnable (finished, cancelled or unknown); skipping", job_id)
+    if _shutdown.is_set():  # a message taken during shutdown: leave it to the next worker
+        enqueue_job(job_id)
         return
-    if job.attempts > settings.max_job_attempts:
-        return fail(job_id, "worker_lost", f"the job's worker died {job.attempts - 1} times; giving up")
-    log.info("running job %s on %s (attempt %d)", job_id, device, job.attempts)
-    reporter = JobReporter(job_id, settings.max_job_seconds)
-    out_dir = work_dir_for(job_id)
     try:
-        result = run_distillation(engine_spec(job.spec, job.tenant_id), out_dir, on_event=reporter.on_event,
-                                  should_stop=reporter.should_stop, device=str(device), resume=True,
-                                  checkpoint_interval_s=settings.checkpoint_interval_s)
-        register_model(job_id, job.tenant_id, job.spec.get("task", "classification"), result)
-    except JobStopped as exc:
-        if reporter.stop_reason == "time_limit":
-            fail(job_id, "time_limit", f"the job ran past the {settings.max_job_seconds}s limit; {exc.message}")
-        else:
-            with session_scope() as session:
-                jobs.finish_job(session, job_id, "cancelled")
+        device = str(resolve_device(settings.device))
     except DistillError as exc:
-        fail(job_id, exc.code, exc.message, exc.param)
+        device, device_error = settings.device, exc
+    else:
+        device_error = None
+    with session_scope() as session:
+        job = leases.claim(session, job_id, worker=f"{socket.gethostname()}:{os.getpid()}", device=device)
+    if job is None:
+        log.info("job %s is not queued (running elsewhere, finished or unknown); skipping", job_id)
+        return
+    log.info("running job %s on %s (lease %d)", job_id, device, job.attempts)
+    out_dir = work_dir_for(job_id)
+    with JobLease(job_id, job.attempts, settings.max_job_seconds) as lease:
+        if device_error is not None:  # a misconfigured worker: fail the job with why, don't loop on it
+            return _finish(lease, "failed", device_error.code, device_error.message, device_error.param)
+        _run(lease, job, out_dir, device, settings)
+
+
+def _run(lease: JobLease, job, out_dir: Path, device, settings) -> None:
+    keep_scratch = False
+    try:
+        result = run_distillation(engine_spec(job.spec, job.tenant_id), out_dir, on_event=lease.on_event,
+                                  should_stop=lease.should_stop, device=device, resume=True,
+                                  checkpoint_interval_s=settings.checkpoint_interval_s)
+        register_model(lease, job.tenant_id, job.spec.get("task", "classification"), result)
+    except JobStopped as exc:
+        reason = lease.stop_reason or "cancelled"
+        if reason == "shutdown":
+            keep_scratch = True  # the checkpoint is how the next worker resumes
+            _hand_back(lease, "worker shutting down")
+        elif reason == "time_limit":
+            _finish(lease, "failed", "time_limit", f"the job ran past the {settings.max_job_seconds}s limit; "
+                                                   f"{exc.message}")
+        else:
+            _finish(lease, "cancelled")
+    except LeaseLost:
+        keep_scratch = True  # the job lives on with another worker, which uses this folder's checkpoints
+        log.warning("job %s: lease lost (the job was handed on); stopped without writing", lease.job_id)
+    except DistillError as exc:
+        _finish(lease, "failed", exc.code, exc.message, exc.param)
     except Exception as exc:  # a bug: record it on the job rather than crash-loop the message
-        log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        fail(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        log.error("job %s crashed:\n%s", lease.job_id, traceback.format_exc())
+        _finish(lease, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
     finally:
-        # Finished one way or another (a dead worker never gets here): scratch and checkpoints go.
-        shutil.rmtree(out_dir, ignore_errors=True)
+        if not keep_scratch:  # finished one way or another: scratch and checkpoints go
+            shutil.rmtree(out_dir, ignore_errors=True)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
+from distill import safe_json
 from distill.archive import detect_archive_format, extract_archive
 from distill.data import load_dataset
 from distill.errors import ArchiveError, DataError, ModelFormatError
@@ -22,7 +22,7 @@ from ..errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from .. import storage_keys
 from ..storage import TooLarge, get_storage, work_root
 from ..tables import FileRecord, Job, new_id
-from .common import paginate
+from .common import is_id, paginate, shown_id
 
 ACTIVE = ("queued", "running")
 
@@ -45,18 +45,18 @@ def _is_text_dataset(path: Path) -> bool:
         for raw in handle:
             if raw.strip():
                 try:
-                    first = json.loads(raw)
-                except ValueError:
+                    first = safe_json.loads(raw)
+                except ValueError:  # invalid, too deep, a 5000-digit number: the dataset parser names the line
                     return False
                 return isinstance(first, dict) and ("text" in first or "prompt" in first)
     return False
 
 
 def _validate_dataset(path: Path) -> dict:
-    limit = get_settings().max_dataset_rows
+    settings = get_settings()
     if _is_text_dataset(path):
-        return inspect_text_dataset(path, max_rows=limit)
-    return load_dataset(path, max_rows=limit).summary()
+        return inspect_text_dataset(path, max_rows=settings.max_dataset_rows)
+    return load_dataset(path, max_rows=settings.max_dataset_rows, max_columns=settings.max_dataset_columns).summary()
 
 
 def _store_model_archive(path: Path, file_id: str) -> dict:
@@ -68,7 +68,7 @@ def _store_model_archive(path: Path, file_id: str) -> dict:
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch_root) as scratch:
         unpacked = Path(scratch) / "model"
-        model_dir = extract_archive(path, unpacked, get_settings().max_extracted_bytes)
+        model_dir = extract_archive(path, unpacked, get_settings().extracted_bytes_limit)
         details = get_kind("hf").inspect(model_dir)
         inner = model_dir.relative_to(unpacked).as_posix()
         get_storage().save_dir(key, unpacked)
@@ -117,9 +117,45 @@ def _validate(path: Path, purpose: str, filename: str, file_id: str) -> dict:
     return _without_server_paths(details)
 
 
+def _clean_filename(filename: str) -> str:
+    """The name as shown back: no control characters (PostgreSQL refuses a NUL in a string), no lone
+    surrogates (they cannot be encoded), at most 512 characters."""
+    cleaned = "".join(c for c in filename if c.isprintable() or c == " ")
+    return cleaned.encode("utf-8", "replace").decode("utf-8")[:512] or "upload"
+
+
 def create_file(session: Session, tenant: str, source: BinaryIO, filename: str, purpose: str) -> FileRecord:
-    storage = get_storage()
+    """Store, validate and record an upload. Whatever fails on the way (a refusal, or a bug), the
+    file's folder (its bytes and any unpacked archive) is removed: a refused upload keeps nothing."""
     file_id = new_id("file")
+    try:
+        record = _create_file(session, tenant, file_id, source, _clean_filename(filename), purpose)
+    except BaseException:
+        get_storage().delete(storage_keys.file_folder(file_id))
+        raise
+    _delete_if_rolled_back(session, file_id)
+    return record
+
+
+def _delete_if_rolled_back(session: Session, file_id: str) -> None:
+    """The bytes live as long as the row: if the transaction that adds the row is rolled back (a
+    later step of the request failed, or its commit did), the file's folder is removed as well."""
+    state = {"committed": False}
+
+    def committed(_session: Session) -> None:
+        state["committed"] = True
+
+    def rolled_back(_session: Session) -> None:
+        if not state["committed"]:
+            get_storage().delete(storage_keys.file_folder(file_id))
+
+    event.listen(session, "after_commit", committed, once=True)
+    event.listen(session, "after_rollback", rolled_back, once=True)
+
+
+def _create_file(session: Session, tenant: str, file_id: str, source: BinaryIO, filename: str,
+                 purpose: str) -> FileRecord:
+    storage = get_storage()
     key = storage_keys.file_content(file_id, _suffix(filename))
     limit = get_settings().max_upload_bytes
     try:
@@ -127,15 +163,10 @@ def create_file(session: Session, tenant: str, source: BinaryIO, filename: str, 
     except TooLarge:
         raise PayloadTooLarge(f"the file is larger than the {limit}-byte upload limit", param="file") from None
     if size == 0:
-        storage.delete(storage_keys.file_folder(file_id))
         raise Unprocessable("the file is empty", param="file")
-    try:
-        details = _validate(storage.local_path(key), purpose, filename, file_id)
-    except Unprocessable:
-        storage.delete(storage_keys.file_folder(file_id))
-        raise
+    details = _validate(storage.local_path(key), purpose, filename, file_id)
     kind = details.get("format") if purpose == "model" else None  # the kind's inspect() names it
-    record = FileRecord(id=file_id, tenant_id=tenant, filename=filename[:512], purpose=purpose, bytes=size,
+    record = FileRecord(id=file_id, tenant_id=tenant, filename=filename, purpose=purpose, bytes=size,
                         sha256=sha256, storage_key=key, details=details, kind=kind)
     session.add(record)
     session.flush()
@@ -147,9 +178,9 @@ def content_path(record: FileRecord) -> Path:
 
 
 def get_file(session: Session, tenant: str, file_id: str) -> FileRecord:
-    record = session.get(FileRecord, file_id)
+    record = session.get(FileRecord, file_id) if is_id(file_id) else None
     if record is None or record.tenant_id != tenant:
-        raise NotFound(f"no file with id {file_id!r}", param="file_id")
+        raise NotFound(f"no file with id {shown_id(file_id)}", param="file_id")
     return record
 
 
@@ -157,7 +188,7 @@ def list_files(session: Session, tenant: str, purpose: str | None, after: str | 
     query = select(FileRecord).where(FileRecord.tenant_id == tenant)
     if purpose is not None:
         query = query.where(FileRecord.purpose == purpose)
-    return paginate(session, FileRecord, query, after, limit)
+    return paginate(session, FileRecord, query, after, limit, tenant=tenant)
 
 
 def _referenced_by_active_job(session: Session, tenant: str, file_id: str) -> str | None:

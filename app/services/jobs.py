@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 
+from datetime import timedelta
+
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -175,8 +177,9 @@ def add_event(session: Session, job_id: str, type: str, message: str = "", data:
 
 def create_job(session: Session, tenant: str, body: JobCreate) -> Job:
     check_submission(session, tenant, body)
+    # heartbeat_at of a queued job = when it was published; the reconciler re-sends a lost message.
     job = Job(id=new_id("job"), tenant_id=tenant, status="queued", spec=body.model_dump(mode="json"),
-              progress={"epoch": 0, "step": 0, "total_steps": 0}, metrics={})
+              progress={"epoch": 0, "step": 0, "total_steps": 0}, metrics={}, heartbeat_at=utcnow())
     session.add(job)
     add_event(session, job.id, "stage", "job queued", {"stage": "queued"})
     session.commit()  # the worker must see the row before it sees the message
@@ -184,7 +187,10 @@ def create_job(session: Session, tenant: str, body: JobCreate) -> Job:
         enqueue_job(job.id)
     except Exception as exc:  # broker down: say so now rather than leave a job nobody will run
         log.exception("could not enqueue %s", job.id)
-        finish_job(session, job.id, "failed", error={"code": "queue_unavailable", "message": str(exc), "param": None})
+        error = {"code": "queue_unavailable", "message": str(exc), "param": None}
+        session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
+            status="failed", finished_at=utcnow(), error=error))
+        add_event(session, job.id, "stage", f"job failed: {exc}", {"stage": "failed", "error": error})
         session.commit()
         raise Unavailable(f"the job queue is unavailable ({exc}); job {job.id} was marked failed") from None
     return job
@@ -201,20 +207,36 @@ def list_jobs(session: Session, tenant: str, status: str | None, after: str | No
     query = select(Job).where(Job.tenant_id == tenant)
     if status is not None:
         query = query.where(Job.status == status)
-    return paginate(session, Job, query, after, limit)
+    return paginate(session, Job, query, after, limit, tenant=tenant)
 
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
-    job = get_job(session, tenant, job_id)
-    if job.status in FINISHED:
-        raise Conflict(f"job {job_id!r} has already finished ({job.status})", param="job_id")
-    # A queued job is cancelled outright; a running one is asked to stop and its worker confirms.
-    if _transition(session, job_id, "queued", "cancelled", finished_at=utcnow()):
+    """Cancel for good: a 200 means the job ends ``cancelled``, never ``succeeded``.
+
+    Queued → cancelled at once. Running → ``cancel_requested`` in a conditional update; the
+    worker stops at its next check, and its success update loses against the flag. A running
+    job whose worker has stopped heartbeating is cancelled at once (nobody will confirm).
+    A job that finished in the meantime is a 409, never a 200 with a finished job."""
+    get_job(session, tenant, job_id)
+    now = utcnow()
+    if session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            status="cancelled", finished_at=now)).rowcount == 1:
         add_event(session, job_id, "stage", "job cancelled before it started", {"stage": "cancelled"})
     else:
-        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
-        add_event(session, job_id, "stage", "cancellation requested", {"stage": "cancel_requested"})
+        dead_before = now - timedelta(seconds=get_settings().heartbeat_timeout_s)
+        if session.execute(update(Job).where(Job.id == job_id, Job.status == "running",
+                                             Job.heartbeat_at < dead_before).values(
+                status="cancelled", finished_at=now, cancel_requested=True)).rowcount == 1:
+            add_event(session, job_id, "stage", "job cancelled (its worker was lost)", {"stage": "cancelled"})
+        elif session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+                cancel_requested=True)).rowcount == 1:
+            add_event(session, job_id, "stage", "cancellation requested", {"stage": "cancel_requested"})
+        else:
+            session.rollback()
+            job = get_job(session, tenant, job_id)
+            raise Conflict(f"job {job_id!r} has already finished ({job.status})", param="job_id")
     session.commit()
+    job = get_job(session, tenant, job_id)
     session.refresh(job)
     return job
 
@@ -226,57 +248,3 @@ def list_events(session: Session, tenant: str, job_id: str, after: int | None, l
         query = query.where(JobEvent.id > after)
     rows = session.scalars(query.order_by(JobEvent.id).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
-
-
-# ---- transitions made by the worker -----------------------------------------------------------------------
-
-def _transition(session: Session, job_id: str, from_status: str, to_status: str, **values) -> bool:
-    result = session.execute(update(Job).where(Job.id == job_id, Job.status == from_status)
-                             .values(status=to_status, **values))
-    return result.rowcount == 1
-
-
-def claim_job(session: Session, job_id: str, worker: str, device: str) -> Job | None:
-    """queued → running (or a redelivered running job whose worker died); None if there is nothing to run."""
-    job = session.get(Job, job_id)
-    if job is None or job.status in FINISHED:
-        return None
-    now = utcnow()
-    values = dict(worker=worker, device=device, heartbeat_at=now, attempts=job.attempts + 1)
-    if job.status == "queued":
-        claimed = _transition(session, job_id, "queued", "running", started_at=now, **values)
-    else:  # running: the message came back because the worker holding it was lost
-        claimed = _transition(session, job_id, "running", "running", **values)
-    session.commit()
-    if not claimed:
-        return None
-    session.refresh(job)
-    return job
-
-
-def heartbeat(session: Session, job_id: str, progress: dict | None) -> bool:
-    """Record liveness (and progress); returns whether the job was asked to stop."""
-    values: dict = {"heartbeat_at": utcnow()}
-    if progress is not None:
-        values["progress"] = progress
-    session.execute(update(Job).where(Job.id == job_id).values(**values))
-    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
-
-
-def finish_job(session: Session, job_id: str, status: str, error: dict | None = None, metrics: dict | None = None,
-               result_model_id: str | None = None, result_files: list[str] | None = None) -> None:
-    values: dict = {"status": status, "finished_at": utcnow(), "error": error}
-    if result_files:
-        values["result_files"] = result_files
-    if metrics is not None:
-        values["metrics"] = metrics
-    if result_model_id is not None:
-        values["result_model_id"] = result_model_id
-    session.execute(update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(**values))
-    message = f"job {status}" + (f": {error['message']}" if error else "")
-    add_event(session, job_id, "stage", message, {"stage": status, **({"error": error} if error else {})})
-
-
-def set_metrics(session: Session, job_id: str, metrics: dict, progress: dict | None) -> None:
-    values = {"metrics": metrics, **({"progress": progress} if progress is not None else {})}
-    session.execute(update(Job).where(Job.id == job_id).values(**values))

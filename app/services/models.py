@@ -19,19 +19,20 @@ from ..config import get_settings
 from ..errors import NotFound, Unprocessable
 from ..storage import get_storage
 from ..tables import ModelRecord
-from .common import paginate
+from .common import is_id, paginate, shown_id
 from .references import model_path
 
 
 def get_model(session: Session, tenant: str, model_id: str, param: str = "model_id") -> ModelRecord:
-    record = session.get(ModelRecord, model_id)
+    record = session.get(ModelRecord, model_id) if is_id(model_id) else None
     if record is None or record.tenant_id != tenant:
-        raise NotFound(f"no model with id {model_id!r}", param=param)
+        raise NotFound(f"no model with id {shown_id(model_id)}", param=param)
     return record
 
 
 def list_models(session: Session, tenant: str, after: str | None, limit: int):
-    return paginate(session, ModelRecord, select(ModelRecord).where(ModelRecord.tenant_id == tenant), after, limit)
+    return paginate(session, ModelRecord, select(ModelRecord).where(ModelRecord.tenant_id == tenant), after, limit,
+                    tenant=tenant)
 
 
 def download_file(record: ModelRecord) -> tuple[Path, str, str]:
@@ -63,6 +64,12 @@ class ModelCache:
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
         return entry
+
+    def discard(self, model_id: str) -> None:
+        """Drop a deleted model's loaded copy now rather than when it is least recently used."""
+        with self._lock:
+            for key in [k for k in self._entries if k.split(":", 1)[0] == model_id]:
+                del self._entries[key]
 
 
 def _load(record: ModelRecord):

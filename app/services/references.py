@@ -17,6 +17,7 @@ from ..config import get_settings
 from ..errors import Unprocessable
 from ..storage import get_storage
 from ..tables import FileRecord, ModelRecord
+from .common import is_id, shown_id
 
 
 @dataclass
@@ -58,6 +59,8 @@ def _server_path(raw: str, param: str) -> ModelRef:
     root = get_settings().models_dir
     if root is None:
         raise Unprocessable("server-side model paths are disabled; the operator sets DISTILL_MODELS_DIR", param=param)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in raw):  # a NUL makes resolve() raise ValueError
+        raise Unprocessable("a model path may not contain NUL or control characters", param=param)
     root = Path(root).resolve()
     path = (root / raw).resolve()
     if path != root and root not in path.parents:
@@ -74,9 +77,9 @@ def _server_path(raw: str, param: str) -> ModelRef:
 def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> ModelRef:
     """``ref`` is {"file_id"} | {"model_id"} | {"path"}; 422 naming ``param`` if it doesn't resolve."""
     if ref.get("file_id"):
-        record = session.get(FileRecord, ref["file_id"])
+        record = session.get(FileRecord, ref["file_id"]) if is_id(ref["file_id"]) else None
         if record is None or record.tenant_id != tenant:
-            raise Unprocessable(f"no file with id {ref['file_id']!r}", param=f"{param}.file_id")
+            raise Unprocessable(f"no file with id {shown_id(ref['file_id'])}", param=f"{param}.file_id")
         if record.purpose != "model":
             raise Unprocessable(f"file {ref['file_id']!r} has purpose {record.purpose!r}, not 'model'",
                                 param=f"{param}.file_id")
@@ -84,17 +87,19 @@ def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> Model
         key = record.details.get("model_dir") or record.storage_key
         return ModelRef(record.kind or "mlp", record.details, get_storage().local_path(key))
     if ref.get("model_id"):
-        model = session.get(ModelRecord, ref["model_id"])
+        model = session.get(ModelRecord, ref["model_id"]) if is_id(ref["model_id"]) else None
         if model is None or model.tenant_id != tenant:
-            raise Unprocessable(f"no model with id {ref['model_id']!r}", param=f"{param}.model_id")
+            raise Unprocessable(f"no model with id {shown_id(ref['model_id'])}", param=f"{param}.model_id")
         return ModelRef(model.kind, model_details(model), model_path(model))
-    return _server_path(ref["path"], f"{param}.path")
+    if ref.get("path"):
+        return _server_path(ref["path"], f"{param}.path")
+    raise Unprocessable("give exactly one of file_id, model_id or path", param=param)
 
 
 def resolve_dataset(session: Session, tenant: str, file_id: str, param: str) -> FileRecord:
-    record = session.get(FileRecord, file_id)
+    record = session.get(FileRecord, file_id) if is_id(file_id) else None
     if record is None or record.tenant_id != tenant:
-        raise Unprocessable(f"no file with id {file_id!r}", param=param)
+        raise Unprocessable(f"no file with id {shown_id(file_id)}", param=param)
     if record.purpose != "dataset":
         raise Unprocessable(f"file {file_id!r} has purpose {record.purpose!r}, not 'dataset'", param=param)
     return record

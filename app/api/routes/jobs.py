@@ -4,11 +4,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from ...schemas import JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic, JobStatus
+from ...schemas import Deleted, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic, JobStatus
+from ...services import idempotency, quotas
+from ...services import deletion
 from ...services import jobs as service
 from ...services.common import page, unix
 from ...tables import Job, JobEvent
-from ..deps import CurrentTenant, SessionDep
+from ..deps import CurrentTenant, IdempotencyKeyHeader, RequestSha256, SessionDep
+from ..params import Cursor, JobId
 
 router = APIRouter(prefix="/distillation/jobs", tags=["distillation jobs"])
 
@@ -26,13 +29,20 @@ def public_event(event: JobEvent) -> JobEventPublic:
 
 
 @router.post("", status_code=201, response_model=JobPublic)
-def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate) -> JobPublic:
-    """Submit a job; it is checked against its files now and queued for a worker."""
-    return public(service.create_job(session, tenant, body))
+def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, request_sha256: RequestSha256,
+               idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
+    """Submit a job; it is checked against its files now and queued for a worker. 429 when the tenant
+    already has DISTILL_TENANT_MAX_RUNNING_JOBS queued or running; ``Idempotency-Key`` makes retries safe."""
+
+    def create() -> JobPublic:
+        quotas.check_running_jobs(session, tenant)
+        return public(service.create_job(session, tenant, body))
+
+    return idempotency.run(session, tenant, idempotency_key, request_sha256, 201, create)
 
 
 @router.get("", response_model=JobsPublic)
-def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | None = None, after: str | None = None,
+def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | None = None, after: Cursor = None,
               limit: Annotated[int, Query()] = 20) -> JobsPublic:
     rows, has_more = service.list_jobs(session, tenant, status, after, limit)
     data = [public(j) for j in rows]
@@ -40,19 +50,26 @@ def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | No
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def get_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     return public(service.get_job(session, tenant, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     """A queued job is cancelled at once; a running one stops cooperatively within seconds."""
     return public(service.cancel_job(session, tenant, job_id))
 
 
 @router.get("/{job_id}/events", response_model=JobEventsPublic)
-def list_events(session: SessionDep, tenant: CurrentTenant, job_id: str, after: int | None = None,
+def list_events(session: SessionDep, tenant: CurrentTenant, job_id: JobId, after: int | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobEventsPublic:
     """Events oldest first; pass the last seen ``id`` as ``after`` to read only newer ones."""
     rows, has_more = service.list_events(session, tenant, job_id, after, limit)
     return JobEventsPublic(data=[public_event(e) for e in rows], has_more=has_more)
+
+
+@router.delete("/{job_id}", response_model=Deleted)
+def delete_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Deleted:
+    """Delete a finished job with its events and work folder (409 while queued or running); its model stays."""
+    deletion.delete_job(session, tenant, job_id)
+    return Deleted(id=job_id, object="distillation.job")

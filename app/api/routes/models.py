@@ -5,11 +5,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 
-from ...schemas import ModelPublic, ModelsPublic, PredictRequest, PredictResponse
+from ...schemas import Deleted, ModelPublic, ModelsPublic, PredictRequest, PredictResponse
+from ...services import deletion
 from ...services import models as service
 from ...services.common import page, unix
 from ...tables import ModelRecord
 from ..deps import CurrentTenant, SessionDep
+from ..params import Cursor, ModelId
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -21,7 +23,7 @@ def public(record: ModelRecord) -> ModelPublic:
 
 
 @router.get("", response_model=ModelsPublic)
-def list_models(session: SessionDep, tenant: CurrentTenant, after: str | None = None,
+def list_models(session: SessionDep, tenant: CurrentTenant, after: Cursor = None,
                 limit: Annotated[int, Query()] = 20) -> ModelsPublic:
     rows, has_more = service.list_models(session, tenant, after, limit)
     data = [public(r) for r in rows]
@@ -29,12 +31,12 @@ def list_models(session: SessionDep, tenant: CurrentTenant, after: str | None = 
 
 
 @router.get("/{model_id}", response_model=ModelPublic)
-def get_model(session: SessionDep, tenant: CurrentTenant, model_id: str) -> ModelPublic:
+def get_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> ModelPublic:
     return public(service.get_model(session, tenant, model_id))
 
 
 @router.get("/{model_id}/download", response_class=FileResponse)
-def download_model(session: SessionDep, tenant: CurrentTenant, model_id: str) -> FileResponse:
+def download_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> FileResponse:
     """The student in the format a teacher is uploaded in: a model file (MLP), or a .tar.gz of a
     Hugging Face directory that loads with from_pretrained (transformers models)."""
     record = service.get_model(session, tenant, model_id)
@@ -43,6 +45,13 @@ def download_model(session: SessionDep, tenant: CurrentTenant, model_id: str) ->
 
 
 @router.post("/{model_id}/predict", response_model=PredictResponse)
-def predict(session: SessionDep, tenant: CurrentTenant, model_id: str, body: PredictRequest) -> PredictResponse:
+def predict(session: SessionDep, tenant: CurrentTenant, model_id: ModelId, body: PredictRequest) -> PredictResponse:
     record = service.get_model(session, tenant, model_id)
     return PredictResponse(model=record.id, predictions=service.predict(record, body.inputs))
+
+
+@router.delete("/{model_id}", response_model=Deleted)
+def delete_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> Deleted:
+    """Delete a model and its stored weights; 409 while a queued or running job uses it as teacher or student."""
+    deletion.delete_model(session, tenant, model_id)
+    return Deleted(id=model_id, object="model")
