@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     """A running job whose heartbeat is older than this has lost its worker: the reaper re-queues it."""
     shutdown_grace_s: float = 20.0
     """On SIGTERM a worker checkpoints its job, hands it back to the queue and exits within this."""
-    reconcile_interval_s: float = 10.0
+    reconcile_interval_s: float = 5.0
     """How often each worker runs the reconciler (dead workers' jobs, queued jobs without a message)."""
     queued_resend_after_s: float = 60.0
     """A job queued this long without being claimed is published again (a lost broker message)."""
