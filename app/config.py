@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     """How often each worker runs the reconciler (dead workers' jobs, queued jobs without a message)."""
     queued_resend_after_s: float = 60.0
     """A job queued this long without being claimed is published again (a lost broker message)."""
+    sse_keepalive_s: float = 15.0
+    """An event stream sends a keep-alive comment after this long without events."""
+    sse_max_seconds: float = 3600.0
+    """An event stream ends after this long (the client reconnects with Last-Event-ID)."""
     model_cache_size: int = 8
     """Finished models kept loaded in memory for /predict."""
     max_predict_inputs: int = 10_000

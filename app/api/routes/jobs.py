@@ -2,13 +2,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import StreamingResponse
 
 from ...schemas import Deleted, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic, JobStatus
 from ...services import idempotency, quotas
 from ...services import deletion
 from ...services import jobs as service
 from ...services.common import page, unix
+from ...services.event_stream import stream_events
 from ...tables import Job, JobEvent
 from ..deps import CurrentTenant, IdempotencyKeyHeader, RequestSha256, SessionDep
 from ..params import Cursor, JobId
@@ -60,10 +62,25 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Job
     return public(service.cancel_job(session, tenant, job_id))
 
 
-@router.get("/{job_id}/events", response_model=JobEventsPublic)
-def list_events(session: SessionDep, tenant: CurrentTenant, job_id: JobId, after: int | None = None,
-                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobEventsPublic:
-    """Events oldest first; pass the last seen ``id`` as ``after`` to read only newer ones."""
+EVENT_STREAM_DOC = {200: {"content": {"text/event-stream": {
+    "schema": {"type": "string"},
+    "example": 'id: 12\nevent: stage\ndata: {"id":12,"type":"stage","data":{"stage":"training"}}\n\n'}}}}
+
+
+@router.get("/{job_id}/events", response_model=JobEventsPublic, responses=EVENT_STREAM_DOC)
+def list_events(session: SessionDep, tenant: CurrentTenant, job_id: JobId,
+                after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                stream: Annotated[bool, Query(description="Server-Sent Events until the job's final stage")] = False,
+                last_event_id: Annotated[int | None, Header(ge=0, le=2**62)] = None):
+    """Events oldest first; pass the last seen ``id`` as ``after`` to read only newer ones. With
+    ``stream=true`` the same rows as ``text/event-stream``, live, ending after the final stage;
+    a reconnecting client sends ``Last-Event-ID``."""
+    if stream:
+        service.get_job(session, tenant, job_id)  # 404 before any byte is streamed
+        cursor = last_event_id if last_event_id is not None else after
+        return StreamingResponse(stream_events(job_id, cursor), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     rows, has_more = service.list_events(session, tenant, job_id, after, limit)
     return JobEventsPublic(data=[public_event(e) for e in rows], has_more=has_more)
 
