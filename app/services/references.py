@@ -35,11 +35,6 @@ class ModelRef:
         return self.details.get("task")
 
 
-def model_dir_key(model_id: str) -> str:
-    """Kept for callers that import it here (worker/runner.py); the key is :func:`storage_keys.model_dir`."""
-    return storage_keys.model_dir(model_id)
-
-
 def model_path(record: ModelRecord) -> Path:
     """A finished model's loadable form: its model file, or its unpacked Hugging Face directory."""
     storage = get_storage()

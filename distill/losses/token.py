@@ -94,7 +94,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from .registry import DIVERGENCES, LOSS_TYPES, get_divergence
 

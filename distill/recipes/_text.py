@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import JobStopped, MismatchError
 from ..hf import (context_length, derive_student, inspect_model_dir, layer_count, load_causal_lm, load_classifier,
                   load_tokenizer, model_card, student_from_config)
-from ..losses import chunked_lm_loss, loss_chunk_rows, shifted, token_divergence
+from ..losses import loss_chunk_rows, shifted, token_divergence
 from ..text_data import DEFAULT_MAX_LENGTH, load_text_records
 
 if TYPE_CHECKING:

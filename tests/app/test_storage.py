@@ -49,12 +49,6 @@ def test_file_content_refuses_odd_suffixes(bad):
         storage_keys.file_content("file-1", bad)
 
 
-def test_references_model_dir_key_is_the_keys_module():
-    from app.services.references import model_dir_key
-
-    assert model_dir_key("model-cd34") == storage_keys.model_dir("model-cd34")
-
-
 def test_save_stream_hashes_and_round_trips(storage):
     payload = b"x" * 3_000_000  # several chunks
     size, sha256 = storage.save_stream("files/f/content.bin", io.BytesIO(payload), max_bytes=len(payload))

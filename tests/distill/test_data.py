@@ -510,7 +510,7 @@ def test_jsonl_deep_nesting_and_huge_integers_name_the_line(tmp_path, line_text,
     path = _write(tmp_path, "d.jsonl", _jsonl({"features": [1]}, line_text))
     with pytest.raises(DataError) as info:
         load_dataset(path)
-    assert info.value.line == 2 and f"line 2: " in info.value.message and fragment in info.value.message
+    assert info.value.line == 2 and "line 2: " in info.value.message and fragment in info.value.message
 
 
 def test_jsonl_brackets_inside_strings_do_not_count_as_nesting(tmp_path):

@@ -1,4 +1,4 @@
-"""Token-level LLM distillation losses (distill.llm_losses) against formulas written out by hand.
+"""Token-level LLM distillation losses (distill.losses.token) against formulas written out by hand.
 
 The references below use only elementwise torch ops in float64 (exp, log, sum, abs), no
 log_softmax / kl_div / logsumexp, so they check the module rather than restate it.
