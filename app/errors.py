@@ -1,11 +1,14 @@
 """API errors as RFC 9457 problem details (``application/problem+json``).
 
-    ApiError            status, code, detail, param
+    ApiError            status, code, detail, param (+ headers sent with the problem)
     ├── BadRequest      400
+    ├── Unauthorized    401  WWW-Authenticate: Bearer …
     ├── NotFound        404  unknown id (or another tenant's)
     ├── Conflict        409  the resource's state forbids it
+    │   └── InFlight    409  Retry-After: an Idempotency-Key whose first request still runs
     ├── PayloadTooLarge 413
     ├── Unprocessable   422  the body parsed but a field is wrong (param names it)
+    ├── TooManyRequests 429  Retry-After
     └── Unavailable     503  a dependency (the broker) is down
 
 Request-validation errors from pydantic become 422 with every failing field listed
@@ -25,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.spec import error_param
 
-__all__ = ["ApiError", "BadRequest", "NotFound", "Conflict", "PayloadTooLarge", "Unprocessable", "Unavailable",
-           "install_error_handlers", "problem_response"]
+__all__ = ["ApiError", "BadRequest", "Unauthorized", "NotFound", "Conflict", "InFlight", "PayloadTooLarge",
+           "Unprocessable", "TooManyRequests", "Unavailable", "install_error_handlers", "problem_response"]
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -36,16 +39,22 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, detail: str, param: str | None = None, code: str | None = None, **extra):
+    def __init__(self, detail: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None, **extra):
         super().__init__(detail)
         self.detail = detail
         self.param = param
         self.code = code or self.code
+        self.headers = headers or {}
         self.extra = extra
 
 
 class BadRequest(ApiError):
     status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
 
 
 class NotFound(ApiError):
@@ -54,6 +63,14 @@ class NotFound(ApiError):
 
 class Conflict(ApiError):
     status, code = 409, "conflict"
+
+
+class InFlight(Conflict):
+    status, code = 409, "idempotency_key_in_use"
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, "too_many_requests"
 
 
 class PayloadTooLarge(ApiError):
@@ -105,7 +122,9 @@ def _unreadable_body(request: Request, exc: StarletteHTTPException) -> JSONRespo
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return problem_response(exc.status, exc.code, exc.detail, request.url.path, exc.param, **exc.extra)
+        response = problem_response(exc.status, exc.code, exc.detail, request.url.path, exc.param, **exc.extra)
+        response.headers.update(exc.headers or {})  # an ApiError that is also an HTTPException may hold None
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):

@@ -19,7 +19,6 @@ from .api.routes import completions, files, jobs, models
 from .config import get_settings
 from .db import get_engine
 from .errors import PayloadTooLarge, install_error_handlers, problem_response
-from .problems import install_headered_errors
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -83,7 +82,6 @@ def create_app() -> FastAPI:
     app = FastAPI(title="Distillation service", version="0.1.0",
                   description="Turn a trained teacher model into a small, fast student.")
     install_error_handlers(app)
-    install_headered_errors(app)
     for module in (files, jobs, models, completions):
         # Every /v1 route needs an API key, even one that forgets to take CurrentTenant (which each
         # route does, to scope its lookups; FastAPI resolves the dependency once per request).

@@ -9,7 +9,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from ..db import get_session
-from ..problems import Unauthorized
+from ..errors import Unauthorized
 from ..services import idempotency
 from ..services.api_keys import tenant_for_key
 

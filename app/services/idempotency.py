@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from ..db import session_scope
 from ..errors import Unprocessable
-from ..problems import InFlight
+from ..errors import InFlight
 from ..tables import IdempotencyKey, utcnow
 
 __all__ = ["HEADER", "TTL", "request_sha256", "upload_sha256", "run"]

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from ..config import get_settings
 from ..errors import PayloadTooLarge
-from ..problems import TooManyRequests
+from ..errors import TooManyRequests
 from ..tables import FileRecord, Job
 
 __all__ = ["check_running_jobs", "check_storage", "stored_bytes"]

@@ -26,13 +26,14 @@ class Stack:
         self.logs = logs
         self.workers: list[subprocess.Popen] = []
         self.api: subprocess.Popen | None = None
+        self.url = ""
         self.client: httpx.Client | None = None
 
     def __enter__(self) -> "Stack":
         port = _free_port()
         self.api = _start([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1",
                            "--port", str(port)], self.env, self.logs / "api.log")
-        url = f"http://127.0.0.1:{port}"
+        self.url = url = f"http://127.0.0.1:{port}"
 
         def healthy() -> bool:
             try:

@@ -18,9 +18,10 @@ import psycopg2
 import pytest
 from fastapi.routing import iter_route_contexts
 
-from tests.conftest import PG_HOST, PG_USER, ROOT, _free_port, _start, _stop, _wait_for, bearer, create_api_key
+from tests.conftest import PG_HOST, PG_USER, ROOT, bearer, create_api_key
 
 from .helpers import job_body, upload, upload_bytes, wait_for
+from .stack import Stack
 
 PUBLIC = {"/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 ADMIN = Path(sys.executable).parent / "distill-admin"
@@ -361,30 +362,16 @@ ROOM_LEFT = 1000  # bytes of storage left after the teacher and the training set
 def limited(service_env, problem, tmp_path_factory):
     """An API of its own with small tenant limits (same database), on a queue no worker reads, so
     jobs stay queued; and a tenant of its own."""
-    logs = tmp_path_factory.mktemp("limits-logs")
     storage_limit = problem.teacher.stat().st_size + problem.train_csv.stat().st_size + ROOM_LEFT
-    env = {**service_env, "DISTILL_QUEUE": f"distill-limits-{uuid.uuid4().hex[:8]}",
-           "DISTILL_TENANT_MAX_RUNNING_JOBS": str(MAX_JOBS), "DISTILL_TENANT_MAX_STORAGE_BYTES": str(storage_limit)}
-    port = _free_port()
-    api = _start([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-                 env, logs / "api.log")
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/healthz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    _wait_for(healthy, 60, "the API with small limits")
-    key = create_api_key(service_env, unique_tenant("limited"))["key"]
-    with httpx.Client(base_url=url + "/v1", headers=bearer(key), timeout=60) as http:
-        teacher, training = upload(http, problem.teacher, "model"), upload(http, problem.train_csv, "dataset")
-        yield {"client": http, "url": url, "key": key, "storage_limit": storage_limit,
-               "job": job_body(teacher["id"], training["id"], epochs=1)}
-        for job_id in listed_ids(http, "/distillation/jobs"):
-            http.post(f"/distillation/jobs/{job_id}/cancel")
-    _stop(api)
+    with Stack(service_env, tmp_path_factory.mktemp("limits-logs"), DISTILL_TENANT_MAX_RUNNING_JOBS=str(MAX_JOBS),
+               DISTILL_TENANT_MAX_STORAGE_BYTES=str(storage_limit)) as stack:  # no worker: jobs stay queued
+        key = create_api_key(service_env, unique_tenant("limited"))["key"]
+        with httpx.Client(base_url=stack.url + "/v1", headers=bearer(key), timeout=60) as http:
+            teacher, training = upload(http, problem.teacher, "model"), upload(http, problem.train_csv, "dataset")
+            yield {"client": http, "url": stack.url, "key": key, "storage_limit": storage_limit,
+                   "job": job_body(teacher["id"], training["id"], epochs=1)}
+            for job_id in listed_ids(http, "/distillation/jobs"):
+                http.post(f"/distillation/jobs/{job_id}/cancel")
 
 
 def test_storage_limit_is_413_naming_it(limited, problem):
