@@ -51,7 +51,9 @@ class Deleted(BaseModel):
 
 # ---- jobs --------------------------------------------------------------------------------------------------
 
-class TeacherRef(Strict):
+class ModelReference(Strict):
+    """A model to load, named one of three ways."""
+
     file_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
                                 description="An uploaded model file or archive (purpose=model)")
     model_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
@@ -59,6 +61,13 @@ class TeacherRef(Strict):
     path: str | None = Field(None, min_length=1, max_length=1024, pattern=SERVER_PATH_PATTERN,
                              description="A server-side model directory under DISTILL_MODELS_DIR")
 
+    def reference(self) -> dict | None:
+        """{"file_id"|"model_id"|"path": ...} when a model is named, else None."""
+        refs = {k: getattr(self, k) for k in ("file_id", "model_id", "path") if getattr(self, k) is not None}
+        return refs or None
+
+
+class TeacherRef(ModelReference):
     @model_validator(mode="after")
     def _exactly_one(self) -> "TeacherRef":
         if sum(v is not None for v in (self.file_id, self.model_id, self.path)) != 1:
@@ -66,21 +75,9 @@ class TeacherRef(Strict):
         return self
 
 
-class StudentRef(StudentForms):
+class StudentRef(StudentForms, ModelReference):
     """The student: an architecture, layers derived from the teacher, or a pretrained model
     (``file_id``/``model_id``/``path``). The forms without a file are declared in distill/spec.py."""
-
-    file_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
-                                description="A smaller pretrained model (uploaded archive)")
-    model_id: str | None = Field(None, min_length=1, max_length=64, pattern=ID_PATTERN,
-                                 description="A finished model of this service")
-    path: str | None = Field(None, min_length=1, max_length=1024, pattern=SERVER_PATH_PATTERN,
-                             description="A server-side model directory under DISTILL_MODELS_DIR")
-
-    def reference(self) -> dict | None:
-        """{"file_id"|"model_id"|"path": ...} when the student is a model to load, else None."""
-        refs = {k: getattr(self, k) for k in ("file_id", "model_id", "path") if getattr(self, k) is not None}
-        return refs or None
 
 
 class JobCreate(JobOptions):

@@ -222,6 +222,23 @@ class JobSpec(JobOptions):
     def to_dict(self) -> dict:
         return self.model_dump(mode="json", exclude_none=True)
 
+    def input_names(self) -> dict[str, str]:
+        """How users know the inputs (the service puts file id and filename in ``metadata``):
+        what model cards, state files and events show, never a server path."""
+        meta = self.metadata
+        names = {"teacher": meta.get("teacher_name") or self.teacher.name,
+                 "training_file": meta.get("training_name") or self.training_file.name}
+        if self.validation_file is not None:
+            names["validation_file"] = meta.get("validation_name") or self.validation_file.name
+        if self.student.path is not None:
+            names["student"] = meta.get("student_name") or self.student.path.name
+        return names
+
+    def public_dict(self) -> dict:
+        """``to_dict`` with files by name: safe to ship in a model or show to users."""
+        names = self.input_names()
+        return {**self.to_dict(), **names, **({"student": {"path": names["student"]}} if "student" in names else {})}
+
 
 def _local_path(name: str, value: Any, base: Path) -> Any:
     """'x' or {"path": "x"} -> base / x; anything else is left for validation to refuse."""

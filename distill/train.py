@@ -29,7 +29,7 @@ from .loop import train
 from .recipes import RunContext, get_recipe
 from .spec import JobSpec
 
-__all__ = ["run_distillation", "RunResult", "EventCallback", "public_spec"]
+__all__ = ["run_distillation", "RunResult", "EventCallback"]
 
 EventCallback = Callable[[str, dict], None]
 FINAL_DIR = "final"
@@ -52,19 +52,6 @@ class RunResult:
     @property
     def format(self) -> str:
         return "hf" if self.kind == "hf" else "safetensors"
-
-
-def public_spec(spec: JobSpec) -> dict:
-    """The spec as it may be shown to users and shipped in a model: files by name, no server paths."""
-    data = spec.to_dict()
-    meta = spec.metadata
-    data["teacher"] = meta.get("teacher_name") or spec.teacher.name
-    data["training_file"] = meta.get("training_name") or spec.training_file.name
-    if spec.validation_file is not None:
-        data["validation_file"] = meta.get("validation_name") or spec.validation_file.name
-    if spec.student.path is not None:
-        data["student"] = {"path": meta.get("student_name") or spec.student.path.name}
-    return data
 
 
 def _ignore_event(kind: str, data: dict) -> None:
@@ -98,7 +85,7 @@ def run_distillation(
         torch.manual_seed(spec.hyperparameters.seed)
         ctx.stage("loading", device=str(torch_device))
         recipe.prepare()
-        history = train(recipe, ctx, spec.hyperparameters, checkpoint_interval_s, spec_dict=public_spec(spec))
+        history = train(recipe, ctx, spec.hyperparameters, checkpoint_interval_s, spec_dict=spec.public_dict())
         ctx.stage("evaluating")
         with torch.no_grad():
             evaluation = recipe.evaluate()
@@ -108,7 +95,7 @@ def run_distillation(
         export = recipe.export(final, evaluation, history)
     state_dir = final if export.kind == "hf" else export.model_path.parent
     (state_dir / STATE_FILE).write_text(json.dumps(
-        {"history": history, "evaluation": evaluation, "spec": public_spec(spec)}, indent=2, default=str))
+        {"history": history, "evaluation": evaluation, "spec": spec.public_dict()}, indent=2, default=str))
     return RunResult(model_path=export.model_path, architecture=export.architecture, parameters=export.parameters,
                      evaluation=evaluation, history=history, device=str(torch_device), kind=export.kind,
                      generated_path=export.generated_path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import shutil
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from .. import storage_keys
@@ -27,10 +27,10 @@ from ..tables import Job, JobEvent, ModelRecord
 from .common import is_id, shown_id
 from .jobs import get_job
 from .models import get_model, model_cache
+from .references import active_job_referencing
 
 __all__ = ["delete_job", "delete_model"]
 
-ACTIVE = ("queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -51,20 +51,10 @@ def delete_job(session: Session, tenant: str, job_id: str) -> None:
     shutil.rmtree(work_dir_for(job_id), ignore_errors=True)
 
 
-def _active_job_using(session: Session, tenant: str, model_id: str) -> tuple[str, str] | None:
-    """(job id, "teacher" | "student") of a queued or running job that loads model ``model_id``."""
-    jobs = session.scalars(select(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))).all()
-    for job in jobs:
-        for role in ("teacher", "student"):
-            if (job.spec.get(role) or {}).get("model_id") == model_id:
-                return job.id, role
-    return None
-
-
 def delete_model(session: Session, tenant: str, model_id: str) -> None:
     """Delete model ``model_id`` and its storage folder; 404 unknown, 409 while an active job uses it."""
     record = get_model(session, tenant, model_id)
-    user = _active_job_using(session, tenant, model_id)
+    user = active_job_referencing(session, tenant, "model_id", model_id)
     if user is not None:
         raise Conflict(f"model {model_id!r} is the {user[1]} of {user[0]}, which is still queued or running",
                        param="model_id")

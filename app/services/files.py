@@ -21,10 +21,10 @@ from ..config import get_settings
 from ..errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from .. import storage_keys
 from ..storage import TooLarge, get_storage, work_root
-from ..tables import FileRecord, Job, new_id
+from ..tables import FileRecord, new_id
 from .common import is_id, paginate, shown_id
+from .references import active_job_referencing
 
-ACTIVE = ("queued", "running")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -191,21 +191,11 @@ def list_files(session: Session, tenant: str, purpose: str | None, after: str | 
     return paginate(session, FileRecord, query, after, limit, tenant=tenant)
 
 
-def _referenced_by_active_job(session: Session, tenant: str, file_id: str) -> str | None:
-    jobs = session.scalars(select(Job).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))).all()
-    for job in jobs:
-        refs = (job.spec.get("training_file"), job.spec.get("validation_file"), job.spec["teacher"].get("file_id"),
-                (job.spec.get("student") or {}).get("file_id"))
-        if file_id in refs:
-            return job.id
-    return None
-
-
 def delete_file(session: Session, tenant: str, file_id: str) -> None:
     record = get_file(session, tenant, file_id)
-    job_id = _referenced_by_active_job(session, tenant, file_id)
-    if job_id is not None:
-        raise Conflict(f"file {file_id!r} is in use by {job_id}, which is still queued or running",
+    user = active_job_referencing(session, tenant, "file_id", file_id)
+    if user is not None:
+        raise Conflict(f"file {file_id!r} is in use by {user[0]}, which is still queued or running",
                        param="file_id")
     session.delete(record)
     session.flush()

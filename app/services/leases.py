@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..tables import Job, JobEvent, utcnow
+from .jobs import add_event
 
 __all__ = ["LeaseLost", "claim", "renew", "record_event", "set_metrics", "finish", "succeed", "release",
            "reconcile", "RESTARTED"]
@@ -41,10 +42,6 @@ class LeaseLost(Exception):
 
 def _held(job_id: str, attempt: int):
     return (Job.id == job_id, Job.attempts == attempt, Job.status == "running")
-
-
-def _event(session: Session, job_id: str, type: str, message: str, data: dict) -> None:
-    session.add(JobEvent(job_id=job_id, type=type, message=message, data=data))
 
 
 def claim(session: Session, job_id: str, worker: str, device: str) -> Job | None:
@@ -73,7 +70,7 @@ def renew(session: Session, job_id: str, attempt: int, progress: dict | None) ->
 def record_event(session: Session, job_id: str, attempt: int, type: str, message: str, data: dict) -> None:
     if session.execute(update(Job).where(*_held(job_id, attempt)).values(heartbeat_at=utcnow())).rowcount != 1:
         raise LeaseLost(job_id)
-    _event(session, job_id, type, message, data)
+    add_event(session, job_id, type, message, data)
 
 
 def set_metrics(session: Session, job_id: str, attempt: int, metrics: dict, progress: dict | None) -> None:
@@ -88,7 +85,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
         status=status, finished_at=utcnow(), error=error)).rowcount == 1
     if done:
         message = f"job {status}" + (f": {error['message']}" if error else "")
-        _event(session, job_id, "stage", message, {"stage": status, **({"error": error} if error else {})})
+        add_event(session, job_id, "stage", message, {"stage": status, **({"error": error} if error else {})})
     return done
 
 
@@ -99,7 +96,7 @@ def succeed(session: Session, job_id: str, attempt: int, metrics: dict, model_id
         status="succeeded", finished_at=utcnow(), error=None, metrics=metrics, result_model_id=model_id,
         result_files=result_files)).rowcount == 1
     if done:
-        _event(session, job_id, "stage", "job succeeded", {"stage": "succeeded"})
+        add_event(session, job_id, "stage", "job succeeded", {"stage": "succeeded"})
     return done
 
 
@@ -108,7 +105,7 @@ def release(session: Session, job_id: str, attempt: int, reason: str) -> bool:
     done = session.execute(update(Job).where(*_held(job_id, attempt)).values(
         status="queued", heartbeat_at=utcnow(), worker=None)).rowcount == 1
     if done:
-        _event(session, job_id, RESTARTED, f"job handed back: {reason}", {"reason": reason, "attempt": attempt})
+        add_event(session, job_id, RESTARTED, f"job handed back: {reason}", {"reason": reason, "attempt": attempt})
     return done
 
 
@@ -136,11 +133,11 @@ def _reap(session: Session, job: Job, settings: Settings, now) -> bool:
         if session.execute(update(Job).where(*stale).values(status="queued", heartbeat_at=now,
                                                             worker=None)).rowcount != 1:
             return False
-        _event(session, job.id, RESTARTED, f"worker {job.worker} lost (no heartbeat for {seconds:.0f}s); re-queued",
+        add_event(session, job.id, RESTARTED, f"worker {job.worker} lost (no heartbeat for {seconds:.0f}s); re-queued",
                {"reason": WORKER_LOST, "worker": job.worker, "attempt": job.attempts, "silent_s": seconds})
         return True
     if session.execute(update(Job).where(*stale).values(status=status, finished_at=now, error=error)).rowcount == 1:
-        _event(session, job.id, "stage", f"job {status}" + (f": {error['message']}" if error else " (its worker was lost)"),
+        add_event(session, job.id, "stage", f"job {status}" + (f": {error['message']}" if error else " (its worker was lost)"),
                {"stage": status, **({"error": error} if error else {})})
     return False
 

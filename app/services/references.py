@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from distill.errors import ModelFormatError
@@ -16,7 +17,7 @@ from .. import storage_keys
 from ..config import get_settings
 from ..errors import Unprocessable
 from ..storage import get_storage
-from ..tables import FileRecord, ModelRecord
+from ..tables import FileRecord, Job, ModelRecord
 from .common import is_id, shown_id
 
 
@@ -102,3 +103,17 @@ def resolve_dataset(session: Session, tenant: str, file_id: str, param: str) -> 
 
 def dataset_path(record: FileRecord) -> Path:
     return get_storage().local_path(record.storage_key)
+
+
+def active_job_referencing(session: Session, tenant: str, id_field: str, value: str) -> tuple[str, str] | None:
+    """(job id, role) of a queued or running job of ``tenant`` whose spec names ``value`` as its
+    ``id_field`` ("file_id" | "model_id") in a role: teacher, student, training_file, validation_file."""
+    jobs = session.scalars(select(Job).where(Job.tenant_id == tenant, Job.status.in_(("queued", "running")))).all()
+    for job in jobs:
+        refs = {"teacher": job.spec.get("teacher") or {}, "student": job.spec.get("student") or {},
+                "training_file": {"file_id": job.spec.get("training_file")},
+                "validation_file": {"file_id": job.spec.get("validation_file")}}
+        for role, ref in refs.items():
+            if ref.get(id_field) == value:
+                return job.id, role
+    return None

@@ -94,16 +94,10 @@ def resolve_max_length(spec: "JobSpec", *models: nn.Module) -> int:
     return spec.data.max_length
 
 
-def names(spec: "JobSpec") -> dict:
-    """How the model card and events name the teacher and data: file id and filename, never a server path."""
-    meta = spec.metadata
-    return {"teacher": meta.get("teacher_name") or spec.teacher.name,
-            "data": meta.get("training_name") or spec.training_file.name}
-
-
 def card(spec: "JobSpec", student: nn.Module, evaluation: dict, history: list[dict]) -> str:
     hp = spec.hyperparameters
-    return model_card({**names(spec), "student": student.config.model_type, "task": spec.task, "method": spec.method,
+    names = spec.input_names()
+    return model_card({"teacher": names["teacher"], "data": names["training_file"], "student": student.config.model_type, "task": spec.task, "method": spec.method,
                        "loss": {"type": spec.loss.type, "beta": spec.loss.beta, "top_k": spec.teacher_signal.top_k},
                        "hyperparameters": hp.model_dump(), "evaluation": evaluation,
                        "epochs_trained": len(history)})
