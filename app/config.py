@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     """How often each worker runs the reconciler (dead workers' jobs, queued jobs without a message)."""
     queued_resend_after_s: float = 60.0
     """A job queued this long without being claimed is published again (a lost broker message)."""
+    database_idle_transaction_timeout_s: float | None = None
+    """PostgreSQL: end a session idle inside a transaction this long. Workers set it to half the
+    heartbeat timeout (a frozen worker must not hold its job's row lock past it); unset elsewhere."""
     sse_keepalive_s: float = 15.0
     """An event stream sends a keep-alive comment after this long without events."""
     sse_max_seconds: float = 3600.0

@@ -14,7 +14,13 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from celery import signals  # noqa: E402
 
+from app.config import get_settings  # noqa: E402
 from app.queue import make_celery  # noqa: E402
+
+# A worker frozen mid-transaction must not keep the reconciler off its job's row for longer
+# than the heartbeat timeout it is judged by.
+if get_settings().database_idle_transaction_timeout_s is None:
+    get_settings().database_idle_transaction_timeout_s = max(1.0, get_settings().heartbeat_timeout_s / 2)
 
 celery_app = make_celery()
 celery_app.conf.update(worker_pool="solo", worker_concurrency=1, include=["worker.tasks"])

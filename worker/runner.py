@@ -58,6 +58,7 @@ class JobLease:
         self.deadline = time.monotonic() + max_seconds
         self.progress: dict | None = None
         self.stop_reason: str | None = None
+        self.ended = False  # this worker wrote the job's final state (only then is its scratch ours to remove)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -182,13 +183,14 @@ def register_model(lease: JobLease, tenant: str, task: str, result: RunResult) -
         session.flush()
         metrics = {**(result.history[-1] if result.history else {}), "evaluation": result.evaluation}
         if leases.succeed(session, job_id, lease.attempt, metrics, model_id, result_files):
+            lease.ended = True
             return model_id
         session.rollback()  # a cancel won, or the job is no longer ours: keep nothing
     storage.delete(storage_keys.model_folder(model_id))
     for file_id in result_files:
         _drop_file(file_id)
     with session_scope() as session:
-        leases.finish(session, job_id, lease.attempt, "cancelled")  # no-op when the lease is gone
+        lease.ended = leases.finish(session, job_id, lease.attempt, "cancelled")  # False when the lease is gone
     return None
 
 
@@ -216,7 +218,7 @@ def _finish(lease: JobLease, status: str, code: str | None = None, message: str 
             param: str | None = None) -> None:
     error = {"code": code, "message": message, "param": param} if code else None
     with session_scope() as session:
-        leases.finish(session, lease.job_id, lease.attempt, status, error)
+        lease.ended = leases.finish(session, lease.job_id, lease.attempt, status, error)
 
 
 def _hand_back(lease: JobLease, reason: str) -> None:
@@ -252,7 +254,6 @@ def execute_job(job_id: str) -> None:
 
 
 def _run(lease: JobLease, job, out_dir: Path, device, settings) -> None:
-    keep_scratch = False
     try:
         result = run_distillation(engine_spec(job.spec, job.tenant_id), out_dir, on_event=lease.on_event,
                                   should_stop=lease.should_stop, device=device, resume=True,
@@ -261,15 +262,13 @@ def _run(lease: JobLease, job, out_dir: Path, device, settings) -> None:
     except JobStopped as exc:
         reason = lease.stop_reason or "cancelled"
         if reason == "shutdown":
-            keep_scratch = True  # the checkpoint is how the next worker resumes
-            _hand_back(lease, "worker shutting down")
+            _hand_back(lease, "worker shutting down")  # the checkpoint stays: the next worker resumes from it
         elif reason == "time_limit":
             _finish(lease, "failed", "time_limit", f"the job ran past the {settings.max_job_seconds}s limit; "
                                                    f"{exc.message}")
         else:
             _finish(lease, "cancelled")
     except LeaseLost:
-        keep_scratch = True  # the job lives on with another worker, which uses this folder's checkpoints
         log.warning("job %s: lease lost (the job was handed on); stopped without writing", lease.job_id)
     except DistillError as exc:
         _finish(lease, "failed", exc.code, exc.message, exc.param)
@@ -277,5 +276,7 @@ def _run(lease: JobLease, job, out_dir: Path, device, settings) -> None:
         log.error("job %s crashed:\n%s", lease.job_id, traceback.format_exc())
         _finish(lease, "failed", "internal_error", f"{type(exc).__name__}: {exc}")
     finally:
-        if not keep_scratch:  # finished one way or another: scratch and checkpoints go
+        # Only a job this worker ended loses its scratch: a job handed back or handed on (lease
+        # lost) lives on with the next worker, which resumes from these checkpoints.
+        if lease.ended:
             shutil.rmtree(out_dir, ignore_errors=True)
