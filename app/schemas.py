@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, ValidationInfo, field_validator, model_validator
 
-from distill.spec import JobOptions, StudentForms, check_student_for_task
+from distill.spec import MAX_TEACHERS, JobOptions, StudentForms, WeightedTeacher, check_student_for_task
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 FilePurpose = Literal["dataset", "model"]
@@ -75,6 +75,10 @@ class TeacherRef(ModelReference):
         return self
 
 
+class WeightedTeacherRef(WeightedTeacher, TeacherRef):
+    """One of several teachers: a model reference and its weight in the mixture."""
+
+
 class StudentRef(StudentForms, ModelReference):
     """The student: an architecture, layers derived from the teacher, or a pretrained model
     (``file_id``/``model_id``/``path``). The forms without a file are declared in distill/spec.py."""
@@ -84,7 +88,12 @@ class JobCreate(JobOptions):
     """A job: where the teacher, student and data come from (by id), plus the options every
     job spec has (task, method, hyperparameters, loss, ...), declared once in distill/spec.py."""
 
-    teacher: TeacherRef
+    teacher: TeacherRef | None = Field(None, description="The teacher (or give teachers)")
+    teachers: list[WeightedTeacherRef] | None = Field(
+        None, min_length=2, max_length=MAX_TEACHERS,
+        description="Several teachers in place of teacher: the target is the weighted mixture of their "
+                    "probabilities at temperature T (classification, text_classification, causal_lm token with "
+                    "one shared tokenizer)")
     student: StudentRef
     training_file: str = Field(..., min_length=1, max_length=64, pattern=ID_PATTERN,
                                description="Dataset file id: the transfer set (labels optional)")
@@ -97,6 +106,13 @@ class JobCreate(JobOptions):
         if "task" in info.data:  # fields validate in order: task (JobOptions) comes first
             check_student_for_task(info.data["task"], student)
         return student
+
+    def teacher_refs(self) -> list[tuple[str, dict, float]]:
+        """(param, reference, normalised weight) for every teacher."""
+        if self.teachers is None:
+            return [("teacher", self.teacher.reference(), 1.0)]
+        total = sum(t.weight for t in self.teachers)
+        return [(f"teachers[{i}]", t.reference(), t.weight / total) for i, t in enumerate(self.teachers)]
 
     @field_validator("metadata")
     @classmethod

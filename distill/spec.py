@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, ValidationError,
-                      model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from .errors import SpecError
 from .losses.registry import LOSS_TYPES
@@ -26,7 +26,8 @@ from .models import ACTIVATIONS, MAX_HIDDEN_LAYERS, MAX_LAYER_WIDTH
 from .recipes import METHODS, TASKS, recipe_exists
 from .text_data import DEFAULT_MAX_LENGTH
 
-__all__ = ["Hyperparameters", "LossSpec", "TeacherSignalSpec", "GenerationSpec", "DataSpec",
+__all__ = ["Hyperparameters", "LossSpec", "TeacherSignalSpec", "GenerationSpec", "DataSpec", "OnPolicySpec",
+           "IntermediateSpec", "LoraSpec", "WeightedTeacher", "MAX_TEACHERS", "check_combinations",
            "MLPStudentArchitecture", "HFStudentArchitecture", "DeriveStudent", "StudentForms", "StudentSpec",
            "JobOptions", "JobSpec", "TASKS", "METHODS", "LOSS_TYPES", "MAX_EPOCHS", "MAX_BATCH_SIZE",
            "DEFAULT_TEMPERATURE", "DEFAULT_MAX_LENGTH", "error_location", "error_param", "check_student_for_task"]
@@ -63,8 +64,15 @@ class Hyperparameters(SpecModel):
         "auto", description="auto: bf16 autocast on GPUs that support it, fp32 on CPU")
 
 
+CROSS_TOKENIZER_LOSSES = ("uld",)
+"""Losses that compare teacher and student across different tokenizers (not divergences over one vocabulary)."""
+
+
 class LossSpec(SpecModel):
-    type: Literal[LOSS_TYPES] = Field("forward_kl", description="The divergence; see distill/losses/registry.py")  # type: ignore[valid-type]
+    type: Literal[LOSS_TYPES + CROSS_TOKENIZER_LOSSES] | None = Field(  # type: ignore[valid-type]
+        None, description="The divergence (see distill/losses/registry.py), or 'uld' (Universal Logit Distillation: "
+                          "a causal-LM student whose tokenizer differs from the teacher's). "
+                          "Default: reverse_kl for method on_policy, else forward_kl")
     beta: float = Field(0.5, ge=0, le=1, description="jsd: 0 = forward KL, 1 = reverse KL")
 
 
@@ -81,6 +89,56 @@ class GenerationSpec(SpecModel):
     temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     n: StrictInt = Field(1, ge=1, le=16, description="Completions per prompt")
+
+
+class OnPolicySpec(SpecModel):
+    """On-policy distillation (GKD, Agarwal et al. 2024): the student samples, the teacher scores."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True, serialize_by_alias=True)
+
+    lambda_: float = Field(1.0, ge=0, le=1, alias="lambda",
+                           description="Fraction of batches on the student's own samples; the rest use the "
+                                       "dataset's completions. 1.0 is the Thinking Machines on-policy recipe")
+    max_new_tokens: StrictInt = Field(64, ge=1, le=4096, description="Tokens the student samples per prompt")
+    temperature: float = Field(1.0, ge=0, le=10, description="Student sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0, le=1, description="Student nucleus sampling")
+
+
+class IntermediateSpec(SpecModel):
+    """Hidden-state (DistilBERT, TinyBERT) and attention (MiniLM) losses added to the output-level loss."""
+
+    weight: float = Field(1.0, ge=0, le=1000, description="Weight of the intermediate term in the loss")
+    type: Literal["cosine", "mse"] = Field("cosine", description="cosine: 1 − cos(student, teacher) per position "
+                                                                 "(DistilBERT); mse: mean squared error (TinyBERT)")
+    layers: Literal["uniform"] | list[Annotated[list[Annotated[StrictInt, Field(ge=0, le=4096)]],
+                                                Field(min_length=2, max_length=2)]] = Field(
+        "uniform", description="uniform: student block j ↔ teacher block round((j+1)·Lt/Ls)−1, so the last "
+                               "blocks pair; or [[student_layer, teacher_layer], ...] (0-based block indices)")
+    attention: StrictBool = Field(False, description="Add MiniLM's KL between the last layer's attention "
+                                                     "distributions (needs equal head counts)")
+
+    @model_validator(mode="after")
+    def _some_pairs(self) -> "IntermediateSpec":
+        if isinstance(self.layers, list) and not 1 <= len(self.layers) <= 1024:
+            raise ValueError("layers needs 1 to 1024 [student_layer, teacher_layer] pairs")
+        return self
+
+
+class LoraSpec(SpecModel):
+    """Train low-rank adapters only (PEFT LoRA); the download is the merged model."""
+
+    r: StrictInt = Field(16, ge=1, le=1024, description="Adapter rank")
+    alpha: float = Field(32, gt=0, le=65536, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input")
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1, max_length=128,
+                                                                      pattern=r"^[A-Za-z0-9_.]+$")]] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output head) or module names")
+
+    @model_validator(mode="after")
+    def _some_modules(self) -> "LoraSpec":
+        if isinstance(self.target_modules, list) and not 1 <= len(self.target_modules) <= 256:
+            raise ValueError("target_modules needs 1 to 256 module names")
+        return self
 
 
 class DataSpec(SpecModel):
@@ -139,6 +197,19 @@ class StudentForms(SpecModel):
     architecture: StudentArchitecture | None = Field(
         None, description='{"kind": "mlp", "hidden_dims": [...]} or {"kind": "hf", "config": {...}}')
     derive: DeriveStudent | None = Field(None, description="Initialise from the teacher's embeddings, layers, head")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters on the student instead of all its weights "
+                                                    "(a pretrained or derived transformers student)")
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_needs_pretrained_weights(cls, lora: LoraSpec | None, info: ValidationInfo) -> LoraSpec | None:
+        architecture = info.data.get("architecture")
+        if lora is not None and isinstance(architecture, MLPStudentArchitecture):
+            raise ValueError("LoRA adapts a transformers student; an MLP student trains all its weights")
+        if lora is not None and architecture is not None:
+            raise ValueError("an architecture student starts from random weights, which LoRA would leave frozen; "
+                             "use LoRA with a pretrained (file_id/model_id/path) or derived student")
+        return lora
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -163,6 +234,45 @@ def check_student_for_task(task: str, student: StudentForms) -> None:
                          "(file_id/model_id/path, architecture kind 'hf', or derive)")
 
 
+MAX_TEACHERS = 8
+
+
+class WeightedTeacher(SpecModel):
+    weight: float = Field(1.0, gt=0, le=1e6, description="Relative weight; weights are normalised to sum to 1")
+
+
+def check_combinations(options: "JobOptions", teachers: int) -> None:
+    """Option combinations that can't run, refused before any model loads (SpecError naming the field).
+    ``teachers`` is how many teachers the spec names (1 for ``teacher``)."""
+    method, task, loss = options.method, options.task, options.loss.type
+    if loss in CROSS_TOKENIZER_LOSSES:
+        if task != "causal_lm" or method != "token":
+            raise SpecError(f"loss.type {loss!r} is for task causal_lm with method 'token'", param="loss.type")
+        if options.teacher_signal.top_k is not None:
+            raise SpecError(f"teacher_signal.top_k is not used with loss.type {loss!r} (it compares whole sorted "
+                            "distributions); leave top_k out", param="teacher_signal.top_k")
+    if options.intermediate is not None:
+        if (task, method) not in (("causal_lm", "token"), ("text_classification", "token")):
+            raise SpecError("intermediate is for task causal_lm (method token) and text_classification",
+                            param="intermediate")
+        if loss in CROSS_TOKENIZER_LOSSES:
+            raise SpecError(f"intermediate compares hidden states position by position, which needs one tokenizer; "
+                            f"it can't be combined with loss.type {loss!r}", param="intermediate")
+        if teachers > 1:
+            raise SpecError("intermediate matches one teacher's hidden states; use it with a single teacher",
+                            param="intermediate")
+    if method == "on_policy" and options.teacher_signal.top_k is not None:
+        raise SpecError("teacher_signal.top_k is not used with method on_policy: the teacher scores the student's "
+                        "fresh samples every batch", param="teacher_signal.top_k")
+    if teachers > 1:
+        if method != "token":
+            raise SpecError(f"teachers (several) work with method 'token'; method {method!r} takes one teacher",
+                            param="teachers")
+        if loss in CROSS_TOKENIZER_LOSSES:
+            raise SpecError(f"teachers (several) need one shared tokenizer; loss.type {loss!r} takes one teacher",
+                            param="teachers")
+
+
 class JobOptions(SpecModel):
     """Everything in a job spec except where its models and data come from."""
 
@@ -172,11 +282,16 @@ class JobOptions(SpecModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     metadata: dict[str, Any] = Field(default_factory=dict)
     method: Literal[METHODS] = Field(  # type: ignore[valid-type]
-        "token", description="token: match the teacher's distributions; sequence: train on teacher-generated text")
+        "token", description="token: match the teacher's distributions; sequence: train on teacher-generated text; "
+                             "on_policy (causal_lm): the student samples, the teacher scores every token (GKD)")
     loss: LossSpec = Field(default_factory=LossSpec)
     teacher_signal: TeacherSignalSpec = Field(default_factory=TeacherSignalSpec)
     generation: GenerationSpec = Field(default_factory=GenerationSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    on_policy: OnPolicySpec = Field(default_factory=OnPolicySpec, description="Settings of method on_policy")
+    intermediate: IntermediateSpec | None = Field(
+        None, description="Hidden-state (and attention) losses between the models' layers, added to the "
+                          "output-level loss (causal_lm token, text_classification)")
 
     @model_validator(mode="after")
     def _task_rules(self):
@@ -184,22 +299,47 @@ class JobOptions(SpecModel):
             raise ValueError(f"method {self.method!r} is not available for task {self.task!r}")
         if self.hyperparameters.temperature is None:
             self.hyperparameters.temperature = DEFAULT_TEMPERATURE.get(self.task, 1.0)
+        if self.loss.type is None:
+            self.loss.type = "reverse_kl" if self.method == "on_policy" else "forward_kl"
         return self
 
 
+class TeacherPath(WeightedTeacher):
+    path: Path
+
+
 class JobSpec(JobOptions):
-    teacher: Path = Field(..., description="Teacher: an MLP model file or a transformers directory")
+    teacher: Path | None = Field(None, description="Teacher: an MLP model file or a transformers directory")
+    teachers: list[TeacherPath] | None = Field(
+        None, min_length=2, max_length=MAX_TEACHERS,
+        description="Several teachers in place of teacher: the target is their weighted mixture at temperature T")
     training_file: Path = Field(..., description="Transfer set (labels optional)")
     validation_file: Path | None = None
     student: StudentSpec
 
     @model_validator(mode="after")
     def _student_fits_task(self) -> "JobSpec":
+        if (self.teacher is None) == (self.teachers is None):
+            raise SpecError("give exactly one of teacher or teachers", param="teacher")
         try:
             check_student_for_task(self.task, self.student)
         except ValueError as exc:
             raise SpecError(str(exc), param="student") from None
+        check_combinations(self, len(self.teachers or ()) or 1)
         return self
+
+    @property
+    def teacher_paths(self) -> list[tuple[Path, float]]:
+        """Every teacher with its weight, normalised to sum to 1 (one teacher: weight 1)."""
+        if self.teachers is None:
+            return [(self.teacher, 1.0)]
+        total = sum(t.weight for t in self.teachers)
+        return [(t.path, t.weight / total) for t in self.teachers]
+
+    @property
+    def primary_teacher(self) -> Path:
+        """The teacher a derived student copies and whose tokenizer and config the student follows (the first)."""
+        return self.teacher if self.teacher is not None else self.teachers[0].path
 
     @classmethod
     def from_dict(cls, data: Any, base_dir: str | Path = ".") -> "JobSpec":
@@ -211,6 +351,9 @@ class JobSpec(JobOptions):
         for name in ("teacher", "training_file", "validation_file"):
             if data.get(name) is not None:
                 data[name] = _local_path(name, data[name], base)
+        if isinstance(data.get("teachers"), list):
+            data["teachers"] = [{**t, "path": _local_path(f"teachers[{i}].path", t.get("path"), base)}
+                                if isinstance(t, dict) else t for i, t in enumerate(data["teachers"])]
         student = data.get("student")
         if isinstance(student, dict) and isinstance(student.get("path"), str):
             data["student"] = {**student, "path": _local_path("student.path", student["path"], base)}
@@ -226,8 +369,11 @@ class JobSpec(JobOptions):
         """How users know the inputs (the service puts file id and filename in ``metadata``):
         what model cards, state files and events show, never a server path."""
         meta = self.metadata
-        names = {"teacher": meta.get("teacher_name") or self.teacher.name,
+        names = {"teacher": meta.get("teacher_name") or meta.get("teachers[0]_name") or self.primary_teacher.name,
                  "training_file": meta.get("training_name") or self.training_file.name}
+        if self.teachers is not None:
+            for i, teacher in enumerate(self.teachers):
+                names[f"teachers[{i}]"] = meta.get(f"teachers[{i}]_name") or teacher.path.name
         if self.validation_file is not None:
             names["validation_file"] = meta.get("validation_name") or self.validation_file.name
         if self.student.path is not None:
@@ -237,7 +383,14 @@ class JobSpec(JobOptions):
     def public_dict(self) -> dict:
         """``to_dict`` with files by name: safe to ship in a model or show to users."""
         names = self.input_names()
-        return {**self.to_dict(), **names, **({"student": {"path": names["student"]}} if "student" in names else {})}
+        public = {**self.to_dict(), **{k: v for k, v in names.items() if not k.startswith("teachers[")}}
+        if self.teachers is not None:
+            del public["teacher"]
+            public["teachers"] = [{"name": names[f"teachers[{i}]"], "weight": weight}
+                                  for i, (_, weight) in enumerate(self.teacher_paths)]
+        if self.student.path is not None:
+            public["student"] = {**public["student"], "path": names["student"]}
+        return public
 
 
 def _local_path(name: str, value: Any, base: Path) -> Any:

@@ -5,7 +5,9 @@ Every non-blank line is a JSON object of one kind, the same for the whole file:
 - ``{"text": str}``                      kind ``text``: language modelling on the whole text;
 - ``{"prompt": str, "completion": str}`` kind ``prompt_completion``: the loss is on the
   completion only (the prompt may be empty, the completion may not);
-- ``{"text": str, "label": int}``        kind ``text_label``: classification, label >= 0.
+- ``{"text": str, "label": int}``        kind ``text_label``: classification, label >= 0;
+- ``{"prompt": str}``                    kind ``prompt``: prompts only (on-policy distillation,
+  where the student writes the completions; sequence-level KD, where the teacher does).
 
 Other keys are allowed and ignored, but a line may not mix the kinds' keys (``text`` with
 ``prompt``, say). Errors are DataError naming the 1-based line (the file is split on
@@ -31,7 +33,7 @@ __all__ = [
     "tokenize_for_classification",
 ]
 
-KINDS = ("text", "prompt_completion", "text_label")
+KINDS = ("text", "prompt_completion", "text_label", "prompt")
 DEFAULT_MAX_LENGTH = 256  # tokens per sequence when data.max_length is not given (clamped to the models' context)
 MAX_CLASSES = 1 << 16
 _KEYS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "text_label": ("text", "label")}
@@ -47,7 +49,7 @@ def _kind_of(record: dict, line: int) -> str:
         raise DataError(f"line {line}: mixes 'prompt'/'completion' with 'text'/'label'; a line is either "
                         "{\"text\"}, {\"prompt\", \"completion\"} or {\"text\", \"label\"}", line=line)
     if has_prompt:
-        return "prompt_completion"
+        return "prompt_completion" if "completion" in record else "prompt"
     if "label" in record:
         return "text_label"
     if "text" in record:
@@ -97,6 +99,8 @@ def _parse(path: str | Path, max_rows: int | None) -> tuple[str, list[dict]]:
             clean: dict[str, Any] = {"text": _string(record, "text", line)}
         elif kind == "text_label":
             clean = {"text": _string(record, "text", line), "label": _label(record, line)}
+        elif kind == "prompt":
+            clean = {"prompt": _string(record, "prompt", line)}
         else:
             clean = {"prompt": _string(record, "prompt", line, allow_empty=True),
                      "completion": _string(record, "completion", line)}
@@ -113,7 +117,7 @@ def inspect_text_dataset(path: str | Path, max_rows: int | None = None) -> dict:
     """Check a JSONL text dataset. Returns ``{"format": "jsonl", "kind", "rows", "characters"}``
     plus ``"num_labels"`` (max label + 1) for text_label. Raises DataError naming the line."""
     kind, records = _parse(path, max_rows)
-    fields = ("prompt", "completion") if kind == "prompt_completion" else ("text",)
+    fields = {"prompt_completion": ("prompt", "completion"), "prompt": ("prompt",)}.get(kind, ("text",))
     summary = {"format": "jsonl", "kind": kind, "rows": len(records),
                "characters": sum(len(r[f]) for r in records for f in fields)}
     if kind == "text_label":

@@ -79,7 +79,7 @@ def run_distillation(
     torch_device = resolve_device(device)
     ctx = RunContext(device=torch_device, out_dir=Path(out_dir), on_event=on_event or _ignore_event,
                      should_stop=should_stop or _never_stop, resume=resume)
-    recipe = get_recipe(spec.task, spec.method)(spec, ctx)
+    recipe = get_recipe(spec.task, spec.method, spec.loss.type)(spec, ctx)
     cuda = [torch_device] if torch_device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(spec.hyperparameters.seed)

@@ -137,10 +137,14 @@ def engine_spec(spec: dict, tenant: str) -> JobSpec:
             names[f"{param.removesuffix('_file')}_name"] = f"{record.id} ({record.filename})"
             return str(dataset_path(record))
 
+        refs = ("file_id", "model_id", "path")
         student = {k: v for k, v in spec["student"].items() if v is not None}
-        if any(student.get(k) for k in ("file_id", "model_id", "path")):
-            student = model(student, "student")
-        local = {**spec, "teacher": model(spec["teacher"], "teacher"), "student": student,
+        if any(student.get(k) for k in refs):  # keep the other fields (lora)
+            student = {**{k: v for k, v in student.items() if k not in refs}, **model(student, "student")}
+        teachers = {"teacher": model(spec["teacher"], "teacher")} if spec.get("teacher") else {
+            "teachers": [{"weight": t.get("weight", 1.0), **model({k: t.get(k) for k in refs}, f"teachers[{i}]")}
+                         for i, t in enumerate(spec["teachers"])]}
+        local = {**{k: v for k, v in spec.items() if k not in ("teacher", "teachers")}, **teachers, "student": student,
                  "training_file": dataset(spec["training_file"], "training_file"),
                  "validation_file": dataset(spec["validation_file"], "validation_file")
                  if spec.get("validation_file") else None,

@@ -11,8 +11,10 @@ from datetime import timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from distill.errors import DistillError
-from distill.hf import CONTEXT_FIELDS, load_tokenizer, shared_vocab_size, student_parameters_from_config
+from distill.errors import DistillError, SpecError
+from distill.hf import (CONTEXT_FIELDS, LAYER_COUNT_FIELDS, load_tokenizer, shared_vocab_size,
+                        student_parameters_from_config)
+from distill.spec import CROSS_TOKENIZER_LOSSES, check_combinations
 from distill.models import MLPArchitecture
 from distill.text_data import DEFAULT_MAX_LENGTH
 
@@ -29,13 +31,21 @@ FINISHED = ("succeeded", "failed", "cancelled")
 
 
 TEXT_KINDS = {"causal_lm": ("text", "prompt_completion"), "text_classification": ("text_label",)}
+ON_POLICY_KINDS = ("prompt_completion", "prompt")
 
 
-def _check_teacher_task(body: JobCreate, teacher: ModelRef) -> None:
+def _allowed_kinds(body: JobCreate) -> tuple[str, ...]:
+    if body.method == "on_policy":
+        # prompts alone: every batch must be on-policy (the student writes all completions)
+        return ON_POLICY_KINDS if body.on_policy.lambda_ == 1 else ("prompt_completion",)
+    return TEXT_KINDS[body.task]
+
+
+def _check_teacher_task(body: JobCreate, teacher: ModelRef, param: str = "teacher") -> None:
     if teacher.task != body.task:
         found = f"a {teacher.task} model" if teacher.task else "a model with no task this service runs"
-        raise Unprocessable(f"task {body.task!r} needs a {body.task} teacher; this teacher is {found} "
-                            f"(kind {teacher.kind!r})", param="teacher")
+        raise Unprocessable(f"task {body.task!r} needs a {body.task} teacher; {param} is {found} "
+                            f"(kind {teacher.kind!r})", param=param)
 
 
 def _check_labels(param: str, details: dict, num_classes: int | None) -> None:
@@ -72,12 +82,17 @@ def _check_size(parameters: int, param: str) -> None:
 
 def _check_text(session: Session, tenant: str, body: JobCreate, teacher: ModelRef) -> None:
     task = body.task
+    allowed = _allowed_kinds(body)
     for param, file_id in _dataset_refs(body):
         details = resolve_dataset(session, tenant, file_id, param).details
         kind = details.get("kind")
-        if kind not in TEXT_KINDS[task]:
-            raise Unprocessable(f"task {task!r} needs {' or '.join(TEXT_KINDS[task])} records; {param} holds "
-                                f"{kind or 'numeric features'}", param=param, code="mismatch")
+        if kind not in allowed:
+            needs = f"method {body.method!r}" + (f" with on_policy.lambda {body.on_policy.lambda_}"
+                                                  if body.method == "on_policy" else "")
+            hint = "; prompt-only data needs on_policy.lambda 1" if kind == "prompt" and body.method == "on_policy" \
+                else ""
+            raise Unprocessable(f"task {task!r} with {needs} needs {' or '.join(allowed)} records; {param} holds "
+                                f"{kind or 'numeric features'}{hint}", param=param, code="mismatch")
         if task == "text_classification":
             _check_labels(param, details, teacher.details.get("num_labels"))
     contexts = [("teacher", teacher.model_kind.context_length(teacher.details))]
@@ -87,16 +102,56 @@ def _check_text(session: Session, tenant: str, body: JobCreate, teacher: ModelRe
         if pretrained.task != task:
             raise Unprocessable(f"the student must be a transformers {task} model", param="student")
         _check_size(pretrained.details.get("parameters") or 0, "student")
-        if task == "causal_lm" and body.method == "token":
+        if body.loss.type in CROSS_TOKENIZER_LOSSES:
+            _check_tokenizers_differ(body, teacher, pretrained)
+        elif task == "causal_lm" and body.method in ("token", "on_policy"):
             _check_vocabulary(teacher, pretrained)
+        student_layers = pretrained.details.get("num_layers")
         contexts.append(("student", pretrained.model_kind.context_length(pretrained.details)))
-    elif body.student.derive is not None:
-        _check_derive(body, teacher)
     else:
-        overrides = body.student.architecture.config
-        contexts.append(("student", _config_context(overrides)))
-        _check_size(_config_parameters(teacher, overrides, task), "student.architecture.config")
+        if body.loss.type in CROSS_TOKENIZER_LOSSES:
+            raise Unprocessable(f"loss.type {body.loss.type!r} is for a student with a tokenizer of its own; a derived "
+                                "or architecture student shares the teacher's, where forward_kl is exact",
+                                param="loss.type")
+        if body.student.derive is not None:
+            _check_derive(body, teacher)
+            derive = body.student.derive
+            student_layers = derive.num_layers or len(derive.layers)
+        else:
+            overrides = body.student.architecture.config
+            contexts.append(("student", _config_context(overrides)))
+            _check_size(_config_parameters(teacher, overrides, task), "student.architecture.config")
+            given = [v for k, v in overrides.items() if k in LAYER_COUNT_FIELDS and isinstance(v, int)]
+            student_layers = given[0] if given else teacher.details.get("num_layers")
+    if body.intermediate is not None:
+        _check_intermediate_layers(body, teacher.details.get("num_layers"), student_layers)
     _check_lengths(body, teacher, contexts)
+
+
+def _check_tokenizers_differ(body: JobCreate, teacher: ModelRef, student: ModelRef) -> None:
+    """ULD is for different tokenizers; with one tokenizer the plain divergence is exact."""
+    try:
+        shared_vocab_size(load_tokenizer(teacher.path), load_tokenizer(student.path),
+                          teacher.details["vocab_size"], student.details["vocab_size"])
+    except DistillError:
+        return
+    raise Unprocessable(f"loss.type {body.loss.type!r} is for a student whose tokenizer differs from the teacher's; "
+                        "these two share one tokenizer, where forward_kl (or another divergence) is exact",
+                        param="loss.type")
+
+
+def _check_intermediate_layers(body: JobCreate, teacher_layers: int | None, student_layers: int | None) -> None:
+    layers = body.intermediate.layers
+    if not isinstance(layers, list):
+        return
+    for i, (student_layer, teacher_layer) in enumerate(layers):
+        for which, layer, depth in (("student", student_layer, student_layers), ("teacher", teacher_layer,
+                                                                                 teacher_layers)):
+            if depth is not None and layer >= depth:
+                position = 0 if which == "student" else 1
+                raise Unprocessable(f"intermediate.layers[{i}] pairs {which} layer {layer} but the {which} has "
+                                    f"{depth} layers (0..{depth - 1})",
+                                    param=f"intermediate.layers[{i}][{position}]")
 
 
 def _check_derive(body: JobCreate, teacher: ModelRef) -> None:
@@ -139,10 +194,13 @@ def _check_lengths(body: JobCreate, teacher: ModelRef, contexts: list[tuple[str,
         raise Unprocessable(f"data.max_length is {body.data.max_length} but the {who}'s context is {context} tokens; "
                             f"use at most {context}", param="data.max_length")
     teacher_context = teacher.model_kind.context_length(teacher.details)
-    if body.method == "sequence" and teacher_context is not None \
-            and body.generation.max_new_tokens >= teacher_context:
-        raise Unprocessable(f"generation.max_new_tokens is {body.generation.max_new_tokens} but the teacher's "
-                            f"context is {teacher_context} tokens", param="generation.max_new_tokens")
+    new_tokens, param = {"sequence": (body.generation.max_new_tokens, "generation.max_new_tokens"),
+                         "on_policy": (body.on_policy.max_new_tokens, "on_policy.max_new_tokens")}.get(
+        body.method, (None, None))
+    limit = teacher_context if body.method == "sequence" else context
+    if new_tokens is not None and limit is not None and new_tokens >= limit:
+        who = "teacher's" if body.method == "sequence" else "models'"
+        raise Unprocessable(f"{param} is {new_tokens} but the {who} context is {limit} tokens", param=param)
 
 
 def _check_vocabulary(teacher: ModelRef, student: ModelRef) -> None:
@@ -161,10 +219,45 @@ def _dataset_refs(body: JobCreate) -> list[tuple[str, str]]:
     return refs
 
 
+def _resolve_teachers(session: Session, tenant: str, body: JobCreate) -> ModelRef:
+    """Resolve every teacher; several must agree (task, classes, tokenizer). Returns the first."""
+    if (body.teacher is None) == (body.teachers is None):
+        raise Unprocessable("give exactly one of teacher or teachers", param="teacher")
+    try:
+        check_combinations(body, len(body.teachers or ()) or 1)
+    except SpecError as exc:
+        raise Unprocessable(exc.message, param=exc.param) from None
+    resolved = []
+    for param, ref, _ in body.teacher_refs():
+        teacher = resolve_model(session, tenant, ref, param)
+        _check_teacher_task(body, teacher, param)
+        resolved.append((param, teacher))
+    first = resolved[0][1]
+    for param, other in resolved[1:]:
+        if body.task == "classification":
+            a, b = first.details["architecture"], other.details["architecture"]
+            if (a["input_dim"], a["num_classes"]) != (b["input_dim"], b["num_classes"]):
+                raise Unprocessable(f"{param} takes {b['input_dim']} features and has {b['num_classes']} classes; "
+                                    f"teachers[0] takes {a['input_dim']} and has {a['num_classes']}: every teacher "
+                                    "needs the same inputs and label set", param=param, code="mismatch")
+        elif body.task == "text_classification":
+            if first.details.get("num_labels") != other.details.get("num_labels"):
+                raise Unprocessable(f"{param} has {other.details.get('num_labels')} labels, teachers[0] has "
+                                    f"{first.details.get('num_labels')}: every teacher needs the same label set",
+                                    param=param, code="mismatch")
+        else:
+            try:
+                shared_vocab_size(load_tokenizer(first.path), load_tokenizer(other.path),
+                                  first.details["vocab_size"], other.details["vocab_size"])
+            except DistillError as exc:
+                raise Unprocessable(f"{param}: several causal-LM teachers must share one tokenizer: {exc.message}",
+                                    param=param, code="mismatch") from None
+    return first
+
+
 def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
     """The checks the files' metadata allows at submit time; the worker checks the data itself."""
-    teacher = resolve_model(session, tenant, body.teacher.model_dump(exclude_none=True), "teacher")
-    _check_teacher_task(body, teacher)
+    teacher = _resolve_teachers(session, tenant, body)
     if body.task == "classification":
         _check_tabular(session, tenant, body, teacher)
     else:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import RECIPES, Recipe, RunContext, register
+from .base import LOSS_RECIPES, RECIPES, Recipe, RunContext, register
 
 __all__ = ["Recipe", "RunContext", "register", "get_recipe", "recipe_exists", "TASKS", "METHODS", "RECIPES"]
 
@@ -32,9 +32,13 @@ def recipe_exists(task: str, method: str) -> bool:
     return (task, method) in RECIPES
 
 
-def get_recipe(task: str, method: str) -> type[Recipe]:
+def get_recipe(task: str, method: str, loss_type: str | None = None) -> type[Recipe]:
+    """The recipe for (task, method); a recipe registered for (task, method, loss_type) wins
+    (e.g. the cross-tokenizer ULD loss runs its own token-level recipe)."""
     from ..errors import SpecError
 
+    if loss_type is not None and (task, method, loss_type) in LOSS_RECIPES:
+        return LOSS_RECIPES[(task, method, loss_type)]
     if (task, method) not in RECIPES:
         available = ", ".join(m for t, m in RECIPES if t == task)
         raise SpecError(f"method {method!r} is not available for task {task!r}"

@@ -255,7 +255,7 @@ def generate_completions(teacher: nn.Module, tokenizer, prompts: list[str], gene
 
 
 def prompts_of(kind: str, records: list[dict]) -> list[str]:
-    return [r["prompt"] for r in records] if kind == "prompt_completion" else [r["text"] for r in records]
+    return [r["prompt"] for r in records] if kind in ("prompt_completion", "prompt") else [r["text"] for r in records]
 
 
 # ---- the part every causal-LM recipe shares ---------------------------------------------------------------

@@ -16,20 +16,23 @@ from ..errors import JobStopped
 if TYPE_CHECKING:
     from ..spec import JobSpec
 
-__all__ = ["Recipe", "RunContext", "Export", "register", "RECIPES"]
+__all__ = ["Recipe", "RunContext", "Export", "register", "RECIPES", "LOSS_RECIPES"]
 
 EventCallback = Callable[[str, dict], None]
 RECIPES: dict[tuple[str, str], type["Recipe"]] = {}
+LOSS_RECIPES: dict[tuple[str, str, str], type["Recipe"]] = {}
 
 
-def register(task: str, method: str = "token"):
-    """Class decorator: this recipe runs jobs of ``task`` with ``method``."""
+def register(task: str, method: str = "token", loss: str | None = None):
+    """Class decorator: this recipe runs jobs of ``task`` with ``method`` (and, when given,
+    only those whose ``loss.type`` is ``loss``: a loss that needs its own data path)."""
 
     def add(cls: type[Recipe]) -> type[Recipe]:
-        if (task, method) in RECIPES:
-            raise ValueError(f"two recipes for task {task!r}, method {method!r}")
+        table, key = (RECIPES, (task, method)) if loss is None else (LOSS_RECIPES, (task, method, loss))
+        if key in table:
+            raise ValueError(f"two recipes for {key}")
         cls.task, cls.method = task, method
-        RECIPES[(task, method)] = cls
+        table[key] = cls
         return cls
 
     return add
