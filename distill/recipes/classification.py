@@ -17,6 +17,7 @@ from ..kinds import get_kind
 from ..losses import distillation_loss
 from ..models import MLP, MLPArchitecture
 from ..teacher_signal import compute_logits
+from ._teachers import MixtureClassifier, mixture_logits, teacher_reports
 from .base import Export, Recipe, register
 
 
@@ -42,18 +43,32 @@ def check_compatible(teacher: MLPArchitecture, training: TabularDataset, validat
 class MLPClassification(Recipe):
     def prepare(self) -> None:
         spec, device = self.spec, self.device
-        try:
-            self.teacher = get_kind("mlp").load(spec.teacher, device)
-        except ModelFormatError as exc:
-            raise ModelFormatError(f"teacher: {exc.message}", param="teacher", tensor=exc.tensor) from None
+        self.teachers = []
+        for i, (path, _) in enumerate(spec.teacher_paths):
+            param = "teacher" if spec.teachers is None else f"teachers[{i}]"
+            try:
+                teacher = get_kind("mlp").load(path, device)
+            except ModelFormatError as exc:
+                raise ModelFormatError(f"{param}: {exc.message}", param=param, tensor=exc.tensor) from None
+            first = self.teachers[0].architecture if self.teachers else teacher.architecture
+            arch = teacher.architecture
+            if (arch.input_dim, arch.num_classes) != (first.input_dim, first.num_classes):
+                raise MismatchError(f"{param} takes {arch.input_dim} features and has {arch.num_classes} classes; "
+                                    f"teachers[0] takes {first.input_dim} and has {first.num_classes}: every "
+                                    "teacher needs the same inputs and label set", param=param)
+            self.teachers.append(teacher)
+        self.weights = [weight for _, weight in spec.teacher_paths]
+        # One teacher: itself. Several: one module whose logits are their mixture at temperature T.
+        self.teacher = self.teachers[0] if len(self.teachers) == 1 else \
+            MixtureClassifier(self.teachers, self.weights, self.hp.temperature)
         training = _load(spec.training_file, "training_file")
         if spec.validation_file is not None:
             validation = _load(spec.validation_file, "validation_file")
         else:
             training, validation = split_dataset(training, spec.validation_split, self.hp.seed)
-        check_compatible(self.teacher.architecture, training, validation)
+        check_compatible(self.teachers[0].architecture, training, validation)
         self.ctx.check_stop("loading")
-        arch = self.teacher.architecture
+        arch = self.teachers[0].architecture
         self.architecture = MLPArchitecture(input_dim=arch.input_dim, hidden_dims=spec.student.architecture.hidden_dims,
                                             num_classes=arch.num_classes,
                                             activation=spec.student.architecture.activation)
@@ -66,8 +81,11 @@ class MLPClassification(Recipe):
         self.train_y = training.labels.to(device) if training.labels is not None else None
         self.val_x = validation.features.to(device)
         self.val_y = validation.labels.to(device) if validation.labels is not None else None
-        self.teacher_logits = compute_logits(self.teacher, self.train_x, device)  # (N, C)
-        self.val_teacher_logits = compute_logits(self.teacher, self.val_x, device)
+        # each teacher once; several are mixed at temperature T (distill/recipes/_teachers.py)
+        self.each_val_logits = [compute_logits(t, self.val_x, device) for t in self.teachers]
+        self.teacher_logits = mixture_logits([compute_logits(t, self.train_x, device) for t in self.teachers],
+                                             self.weights, self.hp.temperature)  # (N, C)
+        self.val_teacher_logits = mixture_logits(self.each_val_logits, self.weights, self.hp.temperature)
         self.ctx.check_stop("running the teacher")
 
     def _loss(self, student_logits, teacher_logits, labels) -> torch.Tensor:
@@ -86,8 +104,12 @@ class MLPClassification(Recipe):
                 "validation_agreement": metrics["agreement"], "validation_accuracy": metrics["student_accuracy"]}
 
     def evaluate(self) -> dict:
-        return evaluate(self.teacher, self.model, self.val_x, self.val_y, self.device,
-                        teacher_logits=self.val_teacher_logits)
+        report = evaluate(self.teacher, self.model, self.val_x, self.val_y, self.device,
+                          teacher_logits=self.val_teacher_logits)
+        if len(self.teachers) > 1:
+            report["teachers"] = teacher_reports(self.spec, self.teachers, self.each_val_logits,
+                                                 compute_logits(self.model, self.val_x, self.device), self.val_y)
+        return report
 
     def export(self, folder: Path, evaluation: dict, history: list[dict]) -> Export:
         kind = get_kind("mlp")
