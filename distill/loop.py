@@ -69,8 +69,9 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, parameters: list, hp: Hype
 
 def train(recipe: Recipe, ctx: RunContext, hp: Hyperparameters, checkpoint_interval_s: float = 60.0,
           spec_dict: dict | None = None) -> list[dict]:
-    """Train ``recipe.model``; returns the per-epoch records."""
-    model, device = recipe.model, ctx.device
+    """Train ``recipe.trained_modules()`` (the student, and any helper trained with it); returns
+    the per-epoch records."""
+    model, device = recipe.trained_modules(), ctx.device
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay)
     n, batch_size, accumulation = recipe.num_examples, hp.batch_size, hp.gradient_accumulation_steps
@@ -105,6 +106,7 @@ def train(recipe: Recipe, ctx: RunContext, hp: Hyperparameters, checkpoint_inter
             group_start = batch - batch % accumulation
             in_step = min(accumulation, batches_per_epoch - group_start)  # batches this optimizer step spans
             indices = order[batch * batch_size:(batch + 1) * batch_size]
+            recipe.position = (epoch, batch)
             with autocast:
                 loss, targets = recipe.batch_loss(indices)
             if targets == 0:

@@ -69,6 +69,8 @@ class Export:
     parameters: int
     generated_path: Path | None = None
     """Sequence-level KD: the teacher-generated training set (JSONL)."""
+    adapter_path: Path | None = None
+    """A LoRA student: the PEFT adapter folder (model_path holds the merged model)."""
 
     @property
     def format(self) -> str:
@@ -80,14 +82,18 @@ class Recipe:
     ``batch_loss(indices)`` for each batch, ``validate()`` after each epoch, and at the end
     ``evaluate()`` and ``export(folder, evaluation, history)``.
 
-    Subclasses set ``self.model`` (the student: the module the loop optimizes and
-    checkpoints) and ``self.num_examples`` (rows the loop shuffles and batches) in prepare.
+    Subclasses set ``self.model`` (the student) and ``self.num_examples`` (rows the loop
+    shuffles and batches) in prepare. The loop optimizes, switches train/eval and checkpoints
+    :meth:`trained_modules` — the student, unless the recipe trains more beside it.
     """
 
     task: str
     method: str
     model: nn.Module
     num_examples: int
+    position: tuple[int, int] = (0, 0)
+    """(epoch, batch) of the batch being computed: the loop sets it before every ``batch_loss``
+    (after a resume too), for recipes whose choices depend on where they are (on-policy batches)."""
 
     def __init__(self, spec: "JobSpec", ctx: RunContext):
         self.spec, self.ctx, self.hp = spec, ctx, spec.hyperparameters
@@ -96,6 +102,13 @@ class Recipe:
     def prepare(self) -> None:
         """Load teacher, student and data; compute the teacher signal."""
         raise NotImplementedError
+
+    def trained_modules(self) -> nn.Module:
+        """Everything that trains: the optimizer's parameters, train()/eval() and the step
+        checkpoint. The student alone by default (its checkpoint keys are the student's own); a
+        recipe that learns helpers beside it (e.g. intermediate-layer projections) returns an
+        ``nn.ModuleDict`` holding both. Only ``self.model`` is exported."""
+        return self.model
 
     def batch_loss(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(mean loss over the batch's targets, number of targets). A count of 0 means the
