@@ -259,7 +259,7 @@ def inspect_model_dir(path: str | Path, check_tokenizer: bool = True) -> dict:
     is one, is loaded to get its length. Returns::
 
         {"format": "hf", "model_type", "architectures", "vocab_size", "tokenizer_vocab_size",
-         "has_tokenizer", "has_chat_template", "num_layers", "hidden_size", "parameters",
+         "has_tokenizer", "has_chat_template", "num_layers", "hidden_size", "num_attention_heads", "parameters",
          "task": "causal_lm" | "text_classification" | None, "num_labels"}
 
     ``num_labels`` is the config's for a text_classification model, else None.
@@ -292,6 +292,7 @@ def inspect_model_dir(path: str | Path, check_tokenizer: bool = True) -> dict:
         "has_chat_template": has_chat_template,
         "num_layers": _config_value(config, LAYER_COUNT_FIELDS),
         "hidden_size": _config_value(config, HIDDEN_SIZE_FIELDS),
+        "num_attention_heads": _config_value(config, ("num_attention_heads", "n_head", "n_heads", "num_heads")),
         "parameters": parameters,
         "task": task,
         "num_labels": getattr(config, "num_labels", None) if task == "text_classification" else None,

@@ -4,6 +4,7 @@
     vocabulary (a padded teacher head is cut to the tokenizer) → tokenize (max_length ≤
     context) → [top-k teacher signal: the teacher runs once, stored] → train on
     alpha · T² · divergence(teacher ‖ student) + (1 − alpha) · CE(next token)
+    [+ intermediate.weight · hidden-state (and attention) terms: recipes/_intermediate.py]
     → evaluate (perplexity, agreement, KL, tokens/s) → export a HF directory + model card
 """
 
@@ -17,6 +18,7 @@ from ..errors import MismatchError
 from ..hf import shared_vocab_size
 from ..losses import TopKSignal, chunked_lm_loss, shifted, teacher_topk
 from ..text_data import tokenize_for_lm
+from ._intermediate import WithIntermediate
 from ._text import CausalLMBase, LogitsHead, check_kind, lm_metrics, load_splits, resolve_max_length, vocab_rows
 from .base import Export, Recipe, register
 
@@ -49,7 +51,7 @@ def precompute_topk(teacher: LogitsHead, tokens: dict, k: int, temperature: floa
 
 
 @register("causal_lm", "token")
-class CausalLMToken(CausalLMBase, Recipe):
+class CausalLMToken(WithIntermediate, CausalLMBase, Recipe):
     def prepare(self) -> None:
         spec, hp = self.spec, self.hp
         self.load_models()
@@ -63,6 +65,7 @@ class CausalLMToken(CausalLMBase, Recipe):
         self.val_tokens = tokenize_for_lm(self.val_kind, self.validation, self.tokenizer, max_length,
                                           spec.data.packing)
         self.heads(self.tokens, with_teacher=True)
+        self.setup_intermediate(self.tokens, student_base=self.student.split, teacher_base=self.teacher.split)
         self.before = lm_metrics(None, self.student, self.val_tokens, self.shared, self.device, hp.batch_size)
         self.signal = self.teacher_signal() if spec.teacher_signal.top_k is not None else None
         self.num_examples = self.tokens["input_ids"].shape[0]
@@ -93,27 +96,73 @@ class CausalLMToken(CausalLMBase, Recipe):
         ids = self.tokens["input_ids"][indices].to(device)  # (B, L)
         mask = self.tokens["attention_mask"][indices].to(device)
         select = select_cpu.to(device)
-        states, targets = shifted(self.student.body(ids, mask), ids, select)  # (N, H), (N,)
+        # With intermediate, one forward per model yields the hidden states and the last one.
+        features = self.intermediate_features(ids, mask) if self.intermediate is not None else None
+        student_hidden = features[0].output if features else self.student.body(ids, mask)
+        states, targets = shifted(student_hidden, ids, select)  # (N, H), (N,)
         if self.signal is not None:
             teacher_side = self.signal[indices][:, :-1][select_cpu[:, 1:]].to(device)
         else:
             with torch.no_grad():
-                teacher_side = (self.teacher.head, shifted(self.teacher.body(ids, mask), ids, select)[0])
+                teacher_hidden = features[1].output if features else self.teacher.body(ids, mask)
+                teacher_side = (self.teacher.head, shifted(teacher_hidden, ids, select)[0])
         kd, ce = chunked_lm_loss(self.student.head, states, targets, teacher_side, self.shared, spec.loss.type,
                                  hp.temperature, spec.loss.beta, need_ce=hp.alpha < 1)
-        return (hp.alpha * hp.temperature**2 * kd + (1 - hp.alpha) * ce) / count, count
+        loss = (hp.alpha * hp.temperature**2 * kd + (1 - hp.alpha) * ce) / count
+        if features:
+            loss = loss + self.intermediate.loss(*features, mask)
+        return loss, count
+
+    def intermediate_features(self, ids: torch.Tensor, mask: torch.Tensor):
+        return self.intermediate.student_features(ids, mask), self.intermediate.teacher_features(ids, mask)
 
     def validate(self) -> dict:
         hp, loss = self.hp, self.spec.loss
         objective = {"loss_type": loss.type, "temperature": hp.temperature, "beta": loss.beta, "alpha": hp.alpha}
         metrics = lm_metrics(self.teacher, self.student, self.val_tokens, self.shared, self.device, hp.batch_size,
                              objective=objective)
-        return {"validation_loss": metrics["loss"], "validation_perplexity": metrics["student_perplexity"],
-                "validation_top1_agreement": metrics["top1_agreement"],
-                "validation_kl_teacher_student": metrics["kl_teacher_student"]}
+        record = {"validation_loss": metrics["loss"], "validation_perplexity": metrics["student_perplexity"],
+                  "validation_top1_agreement": metrics["top1_agreement"],
+                  "validation_kl_teacher_student": metrics["kl_teacher_student"]}
+        if self.intermediate is not None:
+            # validation_loss stays the training objective (as train_loss): output level + weighted terms
+            terms = self.intermediate.validate(self.val_tokens, self.device, hp.batch_size)
+            record.update(terms, validation_loss=metrics["loss"] + self.intermediate.weighted(terms))
+        return record
 
     def evaluate(self) -> dict:
-        return self.lm_evaluation()
+        if self.intermediate is not None:
+            self.intermediate.restore_attention()
+        evaluation = self.lm_evaluation()
+        if self.intermediate is not None:
+            evaluation["intermediate"] = self.intermediate.describe()
+        if self.extra_teachers:
+            evaluation.update(self.teachers_evaluation(evaluation))
+        return evaluation
+
+    def teachers_evaluation(self, evaluation: dict) -> dict:
+        """Several teachers: "teacher" is their mixture (parameters: all of them); "teachers" lists
+        each beside the student (its perplexity, the student's top-1 agreement with it, KL)."""
+        from ..models import count_parameters
+
+        names = self.spec.input_names()
+        heads = self.teacher.teachers
+        models = [self.teacher_model, *self.extra_teachers]
+        teachers = []
+        for i, (head, model, (_, weight)) in enumerate(zip(heads, models, self.spec.teacher_paths)):
+            metrics = lm_metrics(head, self.student, self.val_tokens, self.shared, self.device, self.hp.batch_size,
+                                 check_stop=self.ctx.check_stop)
+            teachers.append({"name": names[f"teachers[{i}]"], "weight": weight,
+                             "parameters": count_parameters(model),
+                             "perplexity": metrics["teacher_perplexity"],
+                             "student_top1_agreement": metrics["top1_agreement"],
+                             "kl_teacher_student": metrics["kl_teacher_student"]})
+        total = sum(t["parameters"] for t in teachers)
+        teacher = {**evaluation["teacher"], "parameters": total,
+                   "note": "the weighted mixture of the teachers at the job's temperature; "
+                           "generation_tokens_per_s is the first teacher's"}
+        return {"teacher": teacher, "teachers": teachers,
+                "parameter_ratio": evaluation["student"]["parameters"] / total}
 
     def export(self, folder: Path, evaluation: dict, history: list[dict]) -> Export:
         return self.hf_export(folder, evaluation, history)

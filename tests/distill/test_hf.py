@@ -72,7 +72,8 @@ def test_inspect_describes_gpt2_and_counts_stored_parameters(gpt2_dir, gpt2, tok
     assert info == {
         "format": "hf", "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": len(tok),
         "tokenizer_vocab_size": len(tok), "has_tokenizer": True, "has_chat_template": True, "num_layers": 4,
-        "hidden_size": 64, "parameters": sum(p.numel() for p in gpt2.parameters()), "task": "causal_lm",
+        "hidden_size": 64, "num_attention_heads": 4, "parameters": sum(p.numel() for p in gpt2.parameters()),
+        "task": "causal_lm",
         "num_labels": None, "context_length": gpt2.config.n_positions,
     }
     # the tied lm_head is stored (and counted) once
