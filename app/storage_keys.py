@@ -15,6 +15,8 @@ stored under: change one and existing files, models and jobs stop resolving.
         model.safetensors             model_file: an MLP student
         model/                        model_dir: a Hugging Face student directory
         <model_id>.tar.gz             model_archive: that directory as a download
+        adapter/                      adapter_dir: a LoRA student's PEFT adapter folder
+        <model_id>-adapter.tar.gz     adapter_archive: that folder as a download (?format=adapter)
     jobs/<job_id>/                    job_folder: a job's checkpoints and outputs while it runs
 """
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["file_folder", "file_content", "file_model_dir", "generated_file", "model_folder", "model_file",
-           "model_dir", "model_archive", "job_folder"]
+           "model_dir", "model_archive", "adapter_dir", "adapter_archive", "job_folder"]
 
 # Ids are minted by app.tables.new_id ("file-<hex>"); anything else here is a bug or an attack
 # (a "/" or ".." would step into another record's folder).
@@ -77,6 +79,16 @@ def model_dir(model_id: str) -> str:
 def model_archive(model_id: str) -> str:
     """That directory packed as ``<model_id>.tar.gz``, which the download endpoint sends."""
     return f"{model_folder(model_id)}/{model_id}.tar.gz"
+
+
+def adapter_dir(model_id: str) -> str:
+    """A LoRA student's adapter folder (adapter_config.json, adapter_model.safetensors)."""
+    return f"{model_folder(model_id)}/adapter"
+
+
+def adapter_archive(model_id: str) -> str:
+    """That folder packed as ``<model_id>-adapter.tar.gz``, sent by the download's ``format=adapter``."""
+    return f"{model_folder(model_id)}/{model_id}-adapter.tar.gz"
 
 
 def job_folder(job_id: str) -> str:

@@ -3,7 +3,8 @@
     recipe.prepare()      load teacher + data → teacher signal (the teacher runs once)
     loop.train(recipe)    epochs of steps, step checkpoints, resume          (distill/loop.py)
     recipe.evaluate()     teacher vs student on the validation split
-    recipe.export()       final/: the student, loadable on its own
+    recipe.export()       final/: the student, loadable on its own (a LoRA student merged;
+                          its adapter folder beside it, final-adapter/)
 
 The engine reports through two injected callables and imports no service code:
 ``on_event(kind, data)`` receives stage changes, step progress and per-epoch metrics;
@@ -48,6 +49,8 @@ class RunResult:
     kind: str = "mlp"
     generated_path: Path | None = None
     """Sequence-level KD: the teacher-generated training set (JSONL)."""
+    adapter_path: Path | None = None
+    """A LoRA student: the PEFT adapter folder beside final/ (model_path is the merged model)."""
 
     @property
     def format(self) -> str:
@@ -98,4 +101,4 @@ def run_distillation(
         {"history": history, "evaluation": evaluation, "spec": spec.public_dict()}, indent=2, default=str))
     return RunResult(model_path=export.model_path, architecture=export.architecture, parameters=export.parameters,
                      evaluation=evaluation, history=history, device=str(torch_device), kind=export.kind,
-                     generated_path=export.generated_path)
+                     generated_path=export.generated_path, adapter_path=export.adapter_path)

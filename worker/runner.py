@@ -176,6 +176,11 @@ def register_model(lease: JobLease, tenant: str, task: str, result: RunResult) -
         key = storage_keys.model_archive(model_id)
         size, sha256 = storage.save_file(key, archive, move=True)
         storage.save_dir(storage_keys.model_dir(model_id), final)
+        if result.adapter_path is not None:  # a LoRA student: its adapter folder too (download ?format=adapter)
+            from app.services.models import store_adapter
+
+            architecture["lora"] = {**result.architecture.get("lora", {}),
+                                    **store_adapter(model_id, Path(result.adapter_path))}
     else:
         key = storage_keys.model_file(model_id)
         size, sha256 = storage.save_file(key, result.model_path)

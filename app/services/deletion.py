@@ -5,8 +5,9 @@
   work root. The model it produced stays, its ``job_id`` now null; so do files it generated
   (they are files of their own, deleted through /v1/files).
 - A model is deleted unless a queued or running job uses it as teacher or student (409). Its
-  storage folder ``models/<id>/`` (weights, Hugging Face directory, download archive) goes
-  with it, and any copy loaded in this process for serving.
+  storage folder ``models/<id>/`` (weights, Hugging Face directory, download archive, and a
+  LoRA student's adapter folder and its archive) goes with it, and any copy loaded in this
+  process for serving.
 
 The rows go first (flushed; the request's transaction commits them), then the bytes, as
 files.delete_file does: a failure between the two leaves unreferenced bytes, never a row
@@ -52,7 +53,8 @@ def delete_job(session: Session, tenant: str, job_id: str) -> None:
 
 
 def delete_model(session: Session, tenant: str, model_id: str) -> None:
-    """Delete model ``model_id`` and its storage folder; 404 unknown, 409 while an active job uses it."""
+    """Delete model ``model_id`` and its storage folder (a LoRA adapter too: it lives under it);
+    404 unknown, 409 while an active job uses it."""
     record = get_model(session, tenant, model_id)
     user = active_job_referencing(session, tenant, "model_id", model_id)
     if user is not None:

@@ -124,7 +124,7 @@ def _check_text(session: Session, tenant: str, body: JobCreate, teacher: ModelRe
             given = [v for k, v in overrides.items() if k in LAYER_COUNT_FIELDS and isinstance(v, int)]
             student_layers = given[0] if given else teacher.details.get("num_layers")
     if body.intermediate is not None:
-        _check_intermediate_layers(body, teacher.details.get("num_layers"), student_layers)
+        _check_intermediate_layers(body, teacher, student_layers, pretrained if reference is not None else None)
     _check_lengths(body, teacher, contexts)
 
 
@@ -140,18 +140,41 @@ def _check_tokenizers_differ(body: JobCreate, teacher: ModelRef, student: ModelR
                         param="loss.type")
 
 
-def _check_intermediate_layers(body: JobCreate, teacher_layers: int | None, student_layers: int | None) -> None:
-    layers = body.intermediate.layers
-    if not isinstance(layers, list):
-        return
-    for i, (student_layer, teacher_layer) in enumerate(layers):
-        for which, layer, depth in (("student", student_layer, student_layers), ("teacher", teacher_layer,
-                                                                                 teacher_layers)):
+def _check_intermediate_layers(body: JobCreate, teacher: ModelRef, student_layers: int | None,
+                               pretrained: ModelRef | None) -> None:
+    """intermediate: layer pairs within both depths; attention needs equal head counts (a derived
+    student has the teacher's, an architecture student the teacher's unless its config overrides
+    them); a pretrained text-classification student must share the teacher's tokenizer (the
+    teacher runs on the student's tokens). Counts a model's details lack are left to the engine."""
+    layers, teacher_layers = body.intermediate.layers, teacher.details.get("num_layers")
+    for i, (student_layer, teacher_layer) in enumerate(layers if isinstance(layers, list) else ()):
+        for position, which, layer, depth in ((0, "student", student_layer, student_layers),
+                                              (1, "teacher", teacher_layer, teacher_layers)):
             if depth is not None and layer >= depth:
-                position = 0 if which == "student" else 1
                 raise Unprocessable(f"intermediate.layers[{i}] pairs {which} layer {layer} but the {which} has "
                                     f"{depth} layers (0..{depth - 1})",
                                     param=f"intermediate.layers[{i}][{position}]")
+    teacher_heads = teacher.details.get("num_attention_heads")
+    if pretrained is not None:
+        student_heads = pretrained.details.get("num_attention_heads")
+    else:
+        overrides = body.student.architecture.config if body.student.architecture is not None else {}
+        given = [v for k, v in overrides.items()
+                 if k in ("num_attention_heads", "n_head", "n_heads", "num_heads") and isinstance(v, int)]
+        student_heads = given[0] if given else teacher_heads
+    if body.intermediate.attention and None not in (student_heads, teacher_heads) and student_heads != teacher_heads:
+        raise Unprocessable(f"intermediate.attention compares the last layers' attention head by head, but the student "
+                            f"has {student_heads} heads and the teacher {teacher_heads}; give the student "
+                            f"{teacher_heads} heads or leave attention off", param="intermediate.attention",
+                            code="mismatch")
+    if pretrained is not None and body.task == "text_classification" and pretrained.details.get("has_tokenizer"):
+        try:
+            shared_vocab_size(load_tokenizer(teacher.path), load_tokenizer(pretrained.path),
+                              teacher.details["vocab_size"], pretrained.details["vocab_size"])
+        except DistillError:
+            raise Unprocessable("intermediate runs the teacher on the student's tokens, but the student's tokenizer "
+                                "differs from the teacher's; give the student the teacher's tokenizer or leave "
+                                "intermediate out", param="intermediate", code="mismatch") from None
 
 
 def _check_derive(body: JobCreate, teacher: ModelRef) -> None:

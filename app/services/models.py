@@ -11,10 +11,12 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from distill.archive import make_archive
 from distill.device import resolve_device
 from distill.errors import ModelFormatError
 from distill.kinds import get_kind
 
+from .. import storage_keys
 from ..config import get_settings
 from ..errors import NotFound, Unprocessable
 from ..storage import get_storage
@@ -35,12 +37,37 @@ def list_models(session: Session, tenant: str, after: str | None, limit: int):
                     tenant=tenant)
 
 
-def download_file(record: ModelRecord) -> tuple[Path, str, str]:
-    """(path, filename, media type) of what GET .../download sends: the model file, or the HF directory archive."""
+DOWNLOAD_FORMATS = ("model", "adapter")
+
+
+def download_file(record: ModelRecord, format: str = "model") -> tuple[Path, str, str, str]:
+    """(path, filename, media type, sha256) of what GET .../download sends: the model file, or the
+    HF directory archive; with ``format`` "adapter", a LoRA student's PEFT adapter folder archive."""
+    if format == "adapter":
+        return _adapter_download(record)
     path = get_storage().local_path(record.storage_key)
     if get_kind(record.kind).export_format == "hf":
-        return path, f"{record.id}.tar.gz", "application/gzip"
-    return path, f"{record.id}.safetensors", "application/octet-stream"
+        return path, f"{record.id}.tar.gz", "application/gzip", record.sha256
+    return path, f"{record.id}.safetensors", "application/octet-stream", record.sha256
+
+
+def _adapter_download(record: ModelRecord) -> tuple[Path, str, str, str]:
+    lora = (record.architecture or {}).get("lora") or {}
+    if not lora.get("adapter_sha256"):
+        raise NotFound(f"model {record.id} has no LoRA adapter (its job did not set student.lora); "
+                       "leave format out to download the model", param="format")
+    return (get_storage().local_path(storage_keys.adapter_archive(record.id)), f"{record.id}-adapter.tar.gz",
+            "application/gzip", lora["adapter_sha256"])
+
+
+def store_adapter(model_id: str, folder: Path) -> dict:
+    """Keep a LoRA student's adapter folder (consumed) and its download archive; returns
+    what the model record notes of them (adapter_size_bytes, adapter_sha256)."""
+    storage = get_storage()
+    archive = make_archive(folder, folder.parent / f"{model_id}-adapter.tar.gz")
+    size, sha256 = storage.save_file(storage_keys.adapter_archive(model_id), archive, move=True)
+    storage.save_dir(storage_keys.adapter_dir(model_id), folder)
+    return {"adapter_size_bytes": size, "adapter_sha256": sha256}
 
 
 class ModelCache:

@@ -47,6 +47,11 @@ class HFKind:
         return value if isinstance(value, int) and 0 < value < 1 << 24 else None
 
     def export(self, model: nn.Module, dest: Path, tokenizer=None, card: str = "") -> Path:
+        """A transformers directory at ``dest``. A LoRA student (:mod:`distill.lora`) is saved
+        merged, and its adapter folder beside ``dest`` (``dest``-adapter); it is merged afterwards."""
         from ..hf import save_hf
+        from ..lora import export_lora, is_lora
 
+        if is_lora(model):
+            return export_lora(model, dest, tokenizer, card)
         return save_hf(model, tokenizer, dest, card)

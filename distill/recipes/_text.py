@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import JobStopped, MismatchError
+from ..errors import JobStopped, MismatchError, VocabularyMismatch
 from ..hf import (context_length, derive_student, inspect_model_dir, layer_count, load_causal_lm, load_classifier,
-                  load_tokenizer, model_card, student_from_config)
+                  load_tokenizer, model_card, shared_vocab_size, student_from_config)
 from ..losses import loss_chunk_rows, shifted, token_divergence
 from ..text_data import DEFAULT_MAX_LENGTH, load_text_records
 
@@ -65,19 +65,24 @@ def vocab_rows(model: nn.Module) -> int:
 
 
 def build_student(spec: "JobSpec", teacher: nn.Module, teacher_tokenizer, device: torch.device):
-    """The student and its tokenizer, from the spec's student form."""
+    """The student and its tokenizer, from the spec's student form; with ``student.lora`` the
+    student gets LoRA adapters and only those (and a classifier's head) train."""
+    from ..lora import apply_lora
+
     student = spec.student
+    tokenizer = teacher_tokenizer
     if student.path is not None:
         loader = load_causal_lm if spec.task == "causal_lm" else load_classifier
         model = loader(student.path, device=device)
-        tokenizer = load_tokenizer(student.path) if inspect_model_dir(student.path)["has_tokenizer"] \
-            else teacher_tokenizer
-        return model, tokenizer
-    if student.architecture is not None:
-        model = student_from_config(teacher.config, student.architecture.config, spec.task)
+        if inspect_model_dir(student.path)["has_tokenizer"]:
+            tokenizer = load_tokenizer(student.path)
+    elif student.architecture is not None:
+        model = student_from_config(teacher.config, student.architecture.config, spec.task).to(device)
     else:
-        model = derive_student(teacher, layers=student.derive.layers, num_layers=student.derive.num_layers)
-    return model.to(device), teacher_tokenizer
+        model = derive_student(teacher, layers=student.derive.layers, num_layers=student.derive.num_layers).to(device)
+    if student.lora is not None:
+        model = apply_lora(model, student.lora, spec.task)
+    return model, tokenizer
 
 
 def resolve_max_length(spec: "JobSpec", *models: nn.Module) -> int:
@@ -95,17 +100,47 @@ def resolve_max_length(spec: "JobSpec", *models: nn.Module) -> int:
 
 
 def card(spec: "JobSpec", student: nn.Module, evaluation: dict, history: list[dict]) -> str:
+    from ..lora import describe
+
     hp = spec.hyperparameters
     names = spec.input_names()
-    return model_card({"teacher": names["teacher"], "data": names["training_file"], "student": student.config.model_type, "task": spec.task, "method": spec.method,
+    teacher = names["teacher"] if spec.teachers is None else ", ".join(
+        f"{names[f'teachers[{i}]']} (weight {weight:.3g})" for i, (_, weight) in enumerate(spec.teacher_paths))
+    return model_card({"teacher": teacher, "data": names["training_file"],
+                       "student": student.config.model_type, "task": spec.task,
+                       "method": method_line(spec, describe(student)),
                        "loss": {"type": spec.loss.type, "beta": spec.loss.beta, "top_k": spec.teacher_signal.top_k},
                        "hyperparameters": hp.model_dump(), "evaluation": evaluation,
                        "epochs_trained": len(history)})
 
 
+def method_line(spec: "JobSpec", lora: str | None = None) -> str:
+    """The method as the model card states it: the method and every option that changes it."""
+    parts = [spec.method]
+    if spec.method == "on_policy":
+        o = spec.on_policy
+        parts.append(f"on-policy (GKD): lambda {o.lambda_} of the batches on the student's own samples "
+                     f"(max_new_tokens {o.max_new_tokens}, temperature {o.temperature}, top_p {o.top_p})")
+    if spec.loss.type == "uld":
+        parts.append("Universal Logit Distillation across tokenizers (sorted probabilities, Boizard et al. 2024)")
+    if spec.teachers is not None:
+        parts.append(f"{len(spec.teachers)} teachers: the weighted mixture of their probabilities at T")
+    if spec.intermediate is not None:
+        i = spec.intermediate
+        parts.append(f"intermediate {i.type} on hidden states (weight {i.weight}, layers {i.layers})"
+                     + ("; + last-layer attention KL" if i.attention else ""))
+    if lora is not None:
+        parts.append(lora)
+    return "; ".join(parts)
+
+
 def hf_architecture(model: nn.Module, task: str) -> dict:
-    return {"kind": "hf", "task": task, "model_type": model.config.model_type,
-            "num_layers": layer_count(model.config), "vocab_size": model.config.vocab_size}
+    from ..lora import lora_details
+
+    architecture = {"kind": "hf", "task": task, "model_type": model.config.model_type,
+                    "num_layers": layer_count(model.config), "vocab_size": model.config.vocab_size}
+    lora = lora_details(model)
+    return architecture if lora is None else {**architecture, "lora": lora}
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -265,20 +300,39 @@ class CausalLMBase:
 
     def load_models(self) -> None:
         spec, device = self.spec, self.device
-        self.teacher_model = load_causal_lm(spec.teacher, device=device).eval()
-        self.teacher_tokenizer = load_tokenizer(spec.teacher)
+        self.teacher_model = load_causal_lm(spec.primary_teacher, device=device).eval()
+        self.teacher_tokenizer = load_tokenizer(spec.primary_teacher)
         self.ctx.check_stop("loading the teacher")
         self.model, self.tokenizer = build_student(spec, self.teacher_model, self.teacher_tokenizer, device)
         self.teacher_model.requires_grad_(False)  # after build_student: a derived student copies the teacher
         self.ctx.check_stop("loading the student")
+        # Several teachers (token-level only): the others must share the first one's tokenizer.
+        self.extra_teachers = []
+        for i, (path, _) in enumerate(spec.teacher_paths[1:], start=1):
+            model = load_causal_lm(path, device=device).eval().requires_grad_(False)
+            try:
+                shared_vocab_size(self.teacher_tokenizer, load_tokenizer(path), vocab_rows(self.teacher_model),
+                                  vocab_rows(model))
+            except VocabularyMismatch as exc:
+                raise MismatchError(f"teachers[{i}]: several causal-LM teachers must share one tokenizer: "
+                                    f"{exc.message}", param=f"teachers[{i}]") from None
+            self.extra_teachers.append(model)
+            self.ctx.check_stop("loading the teachers")
 
     def heads(self, tokens: dict, with_teacher: bool) -> None:
         probe_ids = tokens["input_ids"][:1].to(self.device)
         probe_mask = tokens["attention_mask"][:1].to(self.device)
         self.student = LogitsHead(self.model, probe_ids, probe_mask)
         self.teacher = LogitsHead(self.teacher_model, probe_ids, probe_mask) if with_teacher else None
+        if with_teacher and getattr(self, "extra_teachers", None):
+            from ._teachers import MixtureLM
+
+            heads = [self.teacher] + [LogitsHead(m, probe_ids, probe_mask) for m in self.extra_teachers]
+            self.teacher = MixtureLM(heads, [w for _, w in self.spec.teacher_paths], self.hp.temperature,
+                                     self.shared)
 
     def lm_evaluation(self) -> dict:
+        from ..lora import merged_copy, student_parameters, trainable_parameters
         from ..models import count_parameters
 
         metrics = lm_metrics(self.teacher, self.student, self.val_tokens, self.shared, self.device,
@@ -286,14 +340,16 @@ class CausalLMBase:
         prompt = prompts_of(self.val_kind, self.validation[:1])[0]
         teacher_speed = generation_speed(self.teacher_model, self.teacher_tokenizer, prompt, self.device)
         self.ctx.check_stop("evaluating")
-        student_speed = generation_speed(self.model, self.tokenizer, prompt, self.device)
-        teacher_params, student_params = count_parameters(self.teacher_model), count_parameters(self.model)
+        # A LoRA student is timed as it is downloaded, adapters merged (unmerged they add two matmuls a layer).
+        student_speed = generation_speed(merged_copy(self.model), self.tokenizer, prompt, self.device)
+        teacher_params, student_params = count_parameters(self.teacher_model), student_parameters(self.model)
         return {
             "teacher": {"perplexity": metrics.get("teacher_perplexity"), "generation_tokens_per_s": teacher_speed,
                         "parameters": teacher_params},
             "student": {"perplexity": metrics["student_perplexity"],
                         "perplexity_before_training": self.before["student_perplexity"],
-                        "generation_tokens_per_s": student_speed, "parameters": student_params},
+                        "generation_tokens_per_s": student_speed, "parameters": student_params,
+                        "trainable_parameters": trainable_parameters(self.model)},
             "top1_agreement": metrics.get("top1_agreement"),
             "kl_teacher_student": metrics.get("kl_teacher_student"),
             "validation_tokens": metrics["tokens"],
@@ -304,11 +360,13 @@ class CausalLMBase:
 
     def hf_export(self, folder: Path, evaluation: dict, history: list[dict], generated_path: Path | None = None):
         from ..kinds import get_kind
-        from ..models import count_parameters
+        from ..lora import adapter_dir, is_lora, student_parameters
         from .base import Export
 
         kind = get_kind("hf")
+        lora = is_lora(self.model)
         path = kind.export(self.model, folder, tokenizer=self.tokenizer,
-                           card=card(self.spec, self.model, evaluation, history))
+                           card=card(self.spec, self.model, evaluation, history))  # a LoRA student is merged here
         return Export(model_path=path, kind=kind.name, architecture=hf_architecture(self.model, self.spec.task),
-                      parameters=count_parameters(self.model), generated_path=generated_path)
+                      parameters=student_parameters(self.model), generated_path=generated_path,
+                      adapter_path=adapter_dir(path) if lora else None)

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
@@ -35,13 +35,21 @@ def get_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> 
     return public(service.get_model(session, tenant, model_id))
 
 
+DownloadFormat = Annotated[Literal["model", "adapter"], Query(
+    description="'model' (default): the student as uploaded teachers are, for a LoRA student with its adapters "
+                "merged; 'adapter': a LoRA student's PEFT adapter folder (adapter_config.json, "
+                "adapter_model.safetensors) as a .tar.gz")]
+
+
 @router.get("/{model_id}/download", response_class=FileResponse)
-def download_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> FileResponse:
+def download_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId,
+                   format: DownloadFormat = "model") -> FileResponse:
     """The student in the format a teacher is uploaded in: a model file (MLP), or a .tar.gz of a
-    Hugging Face directory that loads with from_pretrained (transformers models)."""
+    Hugging Face directory that loads with from_pretrained (transformers models); ``format=adapter``:
+    a LoRA student's adapter folder as a .tar.gz (404 naming ``format`` for a model without one)."""
     record = service.get_model(session, tenant, model_id)
-    path, filename, media_type = service.download_file(record)
-    return FileResponse(path, media_type=media_type, filename=filename, headers={"X-Content-SHA256": record.sha256})
+    path, filename, media_type, sha256 = service.download_file(record, format)
+    return FileResponse(path, media_type=media_type, filename=filename, headers={"X-Content-SHA256": sha256})
 
 
 @router.post("/{model_id}/predict", response_model=PredictResponse)
