@@ -6,6 +6,8 @@
                  the masked token-level KD loss
     classic.py   the classic soft-target loss: alpha · T² · divergence + (1 − alpha) · CE
     chunked.py   the LM loss over hidden states, output heads applied chunk by chunk
+    uld.py       Universal Logit Distillation across tokenizers (sorted-probability L1), alignment, chunked
+    intermediate.py  hidden-state (cosine, mse) and attention (MiniLM KL) losses between layers
 """
 
 from .chunked import chunked_lm_loss, loss_chunk_rows, shifted

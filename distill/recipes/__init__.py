@@ -4,6 +4,8 @@ that the one training loop (:mod:`distill.loop`) drives.
     classification.py        MLP classifier on tabular data: classic soft targets
     causal_lm.py             causal LM, token-level: match the teacher's next-token distributions
     causal_lm_sequence.py    causal LM, sequence-level: train on teacher-generated completions
+    causal_lm_on_policy.py   causal LM, on-policy (GKD): the student samples, the teacher scores
+    causal_lm_uld.py         causal LM, token-level across tokenizers: ULD (loss.type "uld")
     text_classification.py   transformers text classifier: soft targets over the labels
 
 A recipe file registers itself with ``@register("task", "method")``; this package finds
