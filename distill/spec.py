@@ -50,7 +50,8 @@ class Hyperparameters(SpecModel):
         description="Batches per optimizer step: the effective batch is batch_size × this")
     learning_rate: float = Field(1e-3, gt=0, le=10, description="Peak AdamW learning rate")
     temperature: float | None = Field(
-        None, gt=0, le=1000, description="Softmax temperature T of the soft targets; the divergence is scaled by T². "
+        None, gt=0, le=1000, description="Softmax temperature T of the soft targets; the divergence is scaled by T² (not loss uld, "
+                                         "which compares probabilities, as in its paper). "
                                          "Default by task: 4.0 classification, 2.0 text_classification, 1.0 causal_lm")
     alpha: float = Field(0.5, ge=0, le=1,
                          description="Weight of the soft-target loss; 1 - alpha weighs the labels' cross-entropy "
@@ -112,8 +113,8 @@ class IntermediateSpec(SpecModel):
                                                                  "(DistilBERT); mse: mean squared error (TinyBERT)")
     layers: Literal["uniform"] | list[Annotated[list[Annotated[StrictInt, Field(ge=0, le=4096)]],
                                                 Field(min_length=2, max_length=2)]] = Field(
-        "uniform", description="uniform: student block j ↔ teacher block round((j+1)·Lt/Ls)−1, so the last "
-                               "blocks pair; or [[student_layer, teacher_layer], ...] (0-based block indices)")
+        "uniform", description="uniform: student block j ↔ teacher block round((j+1)·Lt/Ls)−1 (halves round up), "
+                               "so the last blocks pair; or [[student_layer, teacher_layer], ...] (0-based block indices)")
     attention: StrictBool = Field(False, description="Add MiniLM's KL between the last layer's attention "
                                                      "distributions (needs equal head counts)")
 
@@ -148,7 +149,7 @@ class DataSpec(SpecModel):
         None, ge=8, le=32768,
         description=f"Tokens per sequence; at most the models' context. Default: min({DEFAULT_MAX_LENGTH}, context)")
     packing: StrictBool = Field(True, description="Pack plain-text documents into full blocks "
-                                                  "(ignored for prompt/completion)")
+                                                  "(ignored for prompt/completion and for loss uld)")
 
 
 class MLPStudentArchitecture(SpecModel):
@@ -293,6 +294,15 @@ class JobOptions(SpecModel):
         None, description="Hidden-state (and attention) losses between the models' layers, added to the "
                           "output-level loss (causal_lm token, text_classification)")
 
+    @field_validator("method")
+    @classmethod
+    def _method_for_task(cls, method: str, info: ValidationInfo) -> str:
+        task = info.data.get("task")
+        if task is not None and not recipe_exists(task, method):
+            available = ", ".join(m for m in METHODS if recipe_exists(task, m))
+            raise ValueError(f"method {method!r} is not available for task {task!r} (available: {available})")
+        return method
+
     @model_validator(mode="after")
     def _task_rules(self):
         if not recipe_exists(self.task, self.method):
@@ -383,7 +393,7 @@ class JobSpec(JobOptions):
     def public_dict(self) -> dict:
         """``to_dict`` with files by name: safe to ship in a model or show to users."""
         names = self.input_names()
-        public = {**self.to_dict(), **{k: v for k, v in names.items() if not k.startswith("teachers[")}}
+        public = {**self.to_dict(), **{k: v for k, v in names.items() if not k.startswith("teachers[") and k != "student"}}
         if self.teachers is not None:
             del public["teacher"]
             public["teachers"] = [{"name": names[f"teachers[{i}]"], "weight": weight}

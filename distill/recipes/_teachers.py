@@ -60,6 +60,7 @@ class MixtureLM:
         self.teachers, self.weights = list(teachers), list(weights)
         self.temperature, self.shared = temperature, shared
         self.widths: list[int] | None = None
+        self.split = all(t.split for t in self.teachers)
 
     def body(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         states = [teacher.body(ids, mask) for teacher in self.teachers]

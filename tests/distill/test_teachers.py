@@ -38,6 +38,8 @@ def test_equal_teachers_mix_to_the_same_distribution():
 class _Split:
     """A stand-in LM teacher: body = hidden states, head = a linear map to the vocabulary."""
 
+    split = True
+
     def __init__(self, width, vocab, seed):
         generator = torch.Generator().manual_seed(seed)
         self.embed = torch.randn(vocab, width, generator=generator)
@@ -156,3 +158,84 @@ def test_one_entry_is_not_several_teachers(workspace):
     with pytest.raises(SpecError) as caught:
         _spec(workspace, [{"path": "a"}])
     assert caught.value.param.startswith("teachers")
+
+
+# ---- causal LMs ----------------------------------------------------------------------------------------------
+
+def _lm_spec(tmp_path, teachers: list[dict], **extra) -> JobSpec:
+    import json
+
+    from tests.distill.hf_factories import synthetic_language
+
+    texts = [" ".join(synthetic_language(4, seed=i)) for i in range(40)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    spec = {"task": "causal_lm", "teachers": teachers, "student": {"derive": {"num_layers": 1}},
+            "training_file": str(tmp_path / "train.jsonl"), "validation_split": 0.2, "data": {"max_length": 32},
+            "hyperparameters": {"epochs": 2, "batch_size": 8, "temperature": 2.0}, **extra}
+    return JobSpec.from_dict(spec)
+
+
+@pytest.fixture(scope="module")
+def lm_teachers(tmp_path_factory):
+    from tests.distill.hf_factories import SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, tiny_gpt2
+
+    folder = tmp_path_factory.mktemp("lm_teachers")
+    tokenizer = make_word_tokenizer(SYNTHETIC_WORDS)
+    torch.manual_seed(0)
+    first = save_model_dir(tiny_gpt2(tokenizer, n_layer=2, n_embd=32, n_head=2), tokenizer, folder / "first")
+    second = save_model_dir(tiny_gpt2(tokenizer, n_layer=1, n_embd=48, n_head=2), tokenizer, folder / "second")
+    other_words = make_word_tokenizer(list(reversed(SYNTHETIC_WORDS)))
+    foreign = save_model_dir(tiny_gpt2(other_words, n_layer=1, n_embd=32, n_head=2), other_words, folder / "foreign")
+    return first, second, foreign
+
+
+@pytest.mark.parametrize("signal", [{}, {"teacher_signal": {"top_k": 5}}])
+def test_lm_teachers_of_different_widths_train_on_the_mixture(tmp_path, lm_teachers, signal):
+    from distill.recipes import RunContext, get_recipe
+    from distill.losses import shifted
+
+    first, second, _ = lm_teachers
+    spec = _lm_spec(tmp_path, [{"path": str(first), "weight": 2}, {"path": str(second), "weight": 1}], **signal)
+    result = distill.train.run_distillation(spec, tmp_path / "run", device="cpu")
+    teachers = result.evaluation["teachers"]
+    assert [t["name"] for t in teachers] == ["first", "second"] and [t["weight"] for t in teachers] == [2 / 3, 1 / 3]
+    assert all(t["perplexity"] > 1 for t in teachers)
+    assert result.evaluation["teacher"]["parameters"] == sum(t["parameters"] for t in teachers)
+
+    # the recipe's teacher is the mixture: its next-token distribution at T is 2/3 p1 + 1/3 p2
+    ctx = RunContext(device=torch.device("cpu"), out_dir=tmp_path / "probe", on_event=lambda *a: None,
+                     should_stop=lambda: False)
+    recipe = get_recipe("causal_lm", "token")(spec, ctx)
+    recipe.prepare()
+    assert isinstance(recipe.teacher, MixtureLM)
+    ids, mask = recipe.tokens["input_ids"][:2], recipe.tokens["attention_mask"][:2]
+    with torch.no_grad():
+        mixed = recipe.teacher.head(recipe.teacher.body(ids, mask))
+        p1 = F.softmax(recipe.teacher_model(input_ids=ids, attention_mask=mask).logits / 2.0, -1)
+        p2 = F.softmax(recipe.extra_teachers[0](input_ids=ids, attention_mask=mask).logits / 2.0, -1)
+    vocab = recipe.shared
+    assert torch.allclose(F.softmax(mixed / 2.0, -1), (2 / 3 * p1 + 1 / 3 * p2)[..., :vocab], atol=1e-5)
+    if signal:  # the stored top-k signal is the mixture's top-k
+        select = recipe.tokens["loss_mask"][:2]
+        expected = torch.log_softmax(shifted(mixed, ids, select)[0] / 2.0, -1).topk(5, -1).values
+        stored = recipe.signal[torch.arange(2)][:, :-1][select[:, 1:]].logprobs
+        assert torch.allclose(stored, expected, atol=1e-5)
+
+
+def test_two_copies_of_one_teacher_train_like_that_teacher(tmp_path, lm_teachers):
+    first, _, _ = lm_teachers
+    alone = distill.train.run_distillation(
+        JobSpec.from_dict({**_lm_spec(tmp_path, [{"path": str(first)}, {"path": str(first)}]).to_dict(),
+                           "teachers": None, "teacher": str(first)}), tmp_path / "alone", device="cpu")
+    twice = distill.train.run_distillation(_lm_spec(tmp_path, [{"path": str(first)}, {"path": str(first)}]),
+                                           tmp_path / "twice", device="cpu")
+    for a, b in zip(alone.history, twice.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
+def test_lm_teachers_must_share_a_tokenizer(tmp_path, lm_teachers):
+    first, _, foreign = lm_teachers
+    spec = _lm_spec(tmp_path, [{"path": str(first)}, {"path": str(foreign)}])
+    with pytest.raises(MismatchError) as caught:
+        distill.train.run_distillation(spec, tmp_path / "run", device="cpu")
+    assert caught.value.param == "teachers[1]" and "share one tokenizer" in caught.value.message
