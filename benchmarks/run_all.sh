@@ -10,11 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 
-engine_args=() lm_args=() loss_args=()
+engine_args=() lm_args=() loss_args=() methods_args=()
 if [[ "${1:-}" == "--quick" ]]; then
     engine_args=(--repeats 1)
     lm_args=(--vocab 8192)
     loss_args=(--variants full topk64 full/c128 --repeats 1)
+    methods_args=(--epochs 2)
 elif [[ $# -gt 0 ]]; then
     echo "usage: $0 [--quick]" >&2
     exit 2
@@ -39,3 +40,5 @@ run "Causal-LM KD training step: engine recipe + loop vs TRL/torchtune-style han
     benchmarks/bench_lm_kd_step.py "${lm_args[@]}"
 run "Token-level KD loss alone: peak memory and time, full vs top-k vs chunked" \
     benchmarks/bench_loss_memory.py "${loss_args[@]}"
+run "Distillation methods side by side: token, sequence, on-policy, intermediate (held-out ppl, teacher NLL)" \
+    benchmarks/bench_methods.py "${methods_args[@]}"
