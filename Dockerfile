@@ -15,7 +15,8 @@ COPY worker ./worker
 COPY distill ./distill
 COPY migrations ./migrations
 COPY alembic.ini ./
-RUN pip install . && useradd --create-home --uid 1000 distill && mkdir -p /data/artifacts \
+COPY client ./client
+RUN pip install . ./client && useradd --create-home --uid 1000 distill && mkdir -p /data/artifacts \
     && chown -R distill /data
 
 USER distill

@@ -1,4 +1,8 @@
-"""``distill run SPEC.json --out DIR``: run a job spec of any task locally, with no service around it."""
+"""``distill run SPEC.json --out DIR``: run a job spec of any task locally, with no service around it.
+
+The remote commands (``distill files|jobs|models ...``) talk to a running service through the
+Python client (``pip install ./client``: package ``distill_client``), imported only when one of
+them is used, so the engine stays importable without it."""
 
 from __future__ import annotations
 
@@ -12,6 +16,25 @@ from .spec import JobSpec
 from .train import run_distillation
 
 DEFAULT_CHECKPOINT_INTERVAL_S = 60.0  # the service's default (DISTILL_CHECKPOINT_INTERVAL_S)
+REMOTE_COMMANDS = {"files": "upload and manage datasets and models on a service",
+                   "jobs": "submit, follow, list and cancel jobs on a service",
+                   "models": "list, download and try the service's models"}
+
+
+def _remote(argv: list[str]) -> int:
+    """Hand ``distill files|jobs|models ...`` to the client package's CLI."""
+    try:
+        from distill_client.cli import main as remote_main
+    except ImportError:
+        # A source checkout: the client lives next to the engine, in client/.
+        checkout = Path(__file__).resolve().parents[1] / "client"
+        if not (checkout / "distill_client").is_dir():
+            print("error: the remote commands need the client: pip install distill-client (./client)",
+                  file=sys.stderr)
+            return 2
+        sys.path.append(str(checkout))
+        from distill_client.cli import main as remote_main
+    return remote_main(argv, prog="distill")
 
 
 def _format(value) -> str:
@@ -29,8 +52,13 @@ def _print_event(kind: str, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in REMOTE_COMMANDS:
+        return _remote(argv)
     parser = argparse.ArgumentParser(prog="distill", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, summary in REMOTE_COMMANDS.items():  # listed in --help; handled by _remote above
+        commands.add_parser(name, help=summary + f" (distill {name} --help)", add_help=False)
     run = commands.add_parser("run", help="run a distillation job spec (JSON) locally")
     run.add_argument("spec", type=Path, help="job spec JSON; file paths are relative to it")
     run.add_argument("--out", type=Path, required=True, help="output folder (checkpoints/, final/)")

@@ -28,12 +28,14 @@ fi
 
 # Reinstall the project only when its requirements changed.
 stamp=.venv/.distill-installed
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
+wanted=$(cat pyproject.toml client/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   say "installing the service, the engine and the demo/test dependencies from pyproject.toml (first run: 1-3 min)"
   pip_install -e '.[demo,test]'
+  say "installing the Python client and CLI (client/: httpx + pydantic only)"
+  pip_install -e ./client
   echo "$wanted" > "$stamp"
   say "environment ready: .venv"
 else
-  say "environment up to date: .venv (pyproject.toml unchanged)"
+  say "environment up to date: .venv (pyproject.toml and client/pyproject.toml unchanged)"
 fi
