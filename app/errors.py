@@ -13,11 +13,18 @@
 
 Request-validation errors from pydantic become 422 with every failing field listed
 in ``errors`` and the first one in ``param``. Anything else is a 500, which is a bug.
+
+On the OpenAI-shaped routes (``/v1/completions``, ``/v1/chat/completions``, ``GET /v1/models`` and
+``/v1/models/{id}``) the problem also carries OpenAI's error object as the extension member
+``error``: ``{"message", "type", "param", "code"}`` (RFC 9457 allows extension members), so the
+official ``openai`` client, which builds its exception text from ``body["error"]["message"]``,
+shows the message (with the param in it) instead of a bare ``Error code: 422``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from http import HTTPStatus
 
@@ -29,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from distill.spec import error_param
 
 __all__ = ["ApiError", "BadRequest", "Unauthorized", "NotFound", "Conflict", "InFlight", "PayloadTooLarge",
-           "Unprocessable", "TooManyRequests", "Unavailable", "install_error_handlers", "problem_response"]
+           "Unprocessable", "TooManyRequests", "Unavailable", "install_error_handlers", "openai_error",
+           "problem_response"]
 
 log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -85,10 +93,24 @@ class Unavailable(ApiError):
     status, code = 503, "unavailable"
 
 
+OPENAI_PATHS = re.compile(r"^/v1/(completions|chat/completions|models(/[^/]+)?)/?$")
+"""The routes the official ``openai`` client calls (completions, chat, models.list / models.retrieve)."""
+
+
+def openai_error(status: int, code: str, detail: str, param: str | None = None) -> dict:
+    """OpenAI's error object. The message names the param, as the client shows only the message."""
+    kind = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error",
+            429: "rate_limit_error"}.get(status, "invalid_request_error" if status < 500 else "server_error")
+    message = detail if param is None or detail.startswith(f"{param}:") else f"{param}: {detail}"
+    return {"message": message, "type": kind, "param": param, "code": code}
+
+
 def problem_response(status: int, code: str, detail: str, instance: str, param: str | None = None,
                      **extra) -> JSONResponse:
     body = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status, "detail": detail,
             "instance": instance, "code": code, "param": param, **extra}
+    if OPENAI_PATHS.match(instance):
+        body["error"] = openai_error(status, code, detail, param)
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
