@@ -77,6 +77,22 @@ class Settings(BaseSettings):
     """A tenant with this many queued + running jobs gets 429 on the next submit."""
     tenant_max_storage_bytes: int = 50 * 1024 * MiB
     """An upload that would take a tenant's stored files (sum of their bytes) past this gets 413."""
+    webhooks_allow_private: bool = False
+    """Let webhook URLs reach private, loopback, link-local and reserved addresses (DISTILL_WEBHOOKS_ALLOW_PRIVATE=1:
+    tests, or receivers inside your own network). Off: such URLs are refused, at registration and again at
+    every delivery (a name that re-resolves to an internal address is not contacted)."""
+    webhook_timeout_s: float = 10.0
+    """One delivery attempt (connect + send + response) gives up after this."""
+    webhook_retry_base_s: float = 5.0
+    """First retry delay; later ones are 6, 24, 120, 360, 720, 1440 and 2880 times it (5 s, 30 s, 2 min, 10 min,
+    30 min, 1 h, 2 h, 4 h, then every 4 h). Retries are published by the reconciler, so they come at most every
+    DISTILL_RECONCILE_INTERVAL_S."""
+    webhook_retry_window_s: float = 86_400.0
+    """A delivery not answered with a 2xx this long after its event is given up (marked failed)."""
+    webhook_queue: str | None = None
+    """Celery queue for webhook deliveries; unset: the jobs queue. A worker runs one task at a time, so with
+    every worker busy on a long job deliveries wait: route them to a queue a light worker consumes
+    (e.g. ``celery -A worker.celery_app worker -Q distill-webhooks --pool=threads``)."""
 
     @property
     def broker_dir(self) -> Path:

@@ -127,3 +127,58 @@ class IdempotencyKey(Base):
     status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     response_body: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class WebhookEndpoint(Base):
+    """A tenant's webhook receiver. ``secret`` signs every delivery (Standard Webhooks); it must be kept
+    readable to sign, so it is stored as given and shown to the tenant only once, at creation."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "whep-…"
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list] = mapped_column(JSON)  # event types it subscribes to, e.g. ["job.succeeded"]
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    secret: Mapped[str] = mapped_column(String(128))  # "whsec_" + base64 of 32 random bytes
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+
+
+class WebhookDelivery(Base):
+    """One message (an event for one endpoint): the outbox row written in the transaction of the job's
+    status change. Its id is the ``webhook-id`` header, the same on every retry; ``payload`` is the exact
+    body, so every attempt signs the same bytes. ``next_attempt_at`` drives the retries (the reconciler
+    publishes due rows); ``lease_until`` marks an attempt in flight."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # "msg-…"
+    tenant_id: Mapped[str] = mapped_column(String(64), index=True)
+    endpoint_id: Mapped[str] = mapped_column(String(64), ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+                                             index=True)
+    event_type: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # no FK: the log outlives a deleted job
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+    published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class WebhookAttempt(Base):
+    """One try at a delivery, written when it starts (an attempt whose worker died stays unfinished)."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(String(64), ForeignKey("webhook_deliveries.id", ondelete="CASCADE"),
+                                             index=True)
+    attempt: Mapped[int] = mapped_column(Integer)  # 1, 2, ...
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(String(512), nullable=True)  # connection error, timeout, non-2xx
+    response_body: Mapped[str | None] = mapped_column(String(512), nullable=True)  # a short prefix only

@@ -23,7 +23,7 @@ if get_settings().database_idle_transaction_timeout_s is None:
     get_settings().database_idle_transaction_timeout_s = max(1.0, get_settings().heartbeat_timeout_s / 2)
 
 celery_app = make_celery()
-celery_app.conf.update(worker_pool="solo", worker_concurrency=1, include=["worker.tasks"])
+celery_app.conf.update(worker_pool="solo", worker_concurrency=1, include=["worker.tasks", "worker.webhooks"])
 app = celery_app
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from ..config import Settings
 from ..tables import Job, JobEvent, utcnow
+from . import webhooks
 from .jobs import add_event
 
 __all__ = ["LeaseLost", "claim", "renew", "record_event", "set_metrics", "finish", "succeed", "release",
@@ -51,6 +52,8 @@ def claim(session: Session, job_id: str, worker: str, device: str) -> Job | None
     result = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
         status="running", worker=worker, device=device, heartbeat_at=now, attempts=Job.attempts + 1,
         started_at=func.coalesce(Job.started_at, now)))
+    if result.rowcount == 1:
+        webhooks.job_changed(session, job_id)  # job.running, in this transaction
     session.commit()
     if result.rowcount != 1:
         return None
@@ -86,6 +89,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, error: dict
     if done:
         message = f"job {status}" + (f": {error['message']}" if error else "")
         add_event(session, job_id, "stage", message, {"stage": status, **({"error": error} if error else {})})
+        webhooks.job_changed(session, job_id)
     return done
 
 
@@ -97,6 +101,7 @@ def succeed(session: Session, job_id: str, attempt: int, metrics: dict, model_id
         result_files=result_files)).rowcount == 1
     if done:
         add_event(session, job_id, "stage", "job succeeded", {"stage": "succeeded"})
+        webhooks.job_changed(session, job_id)
     return done
 
 
@@ -139,6 +144,7 @@ def _reap(session: Session, job: Job, settings: Settings, now) -> bool:
     if session.execute(update(Job).where(*stale).values(status=status, finished_at=now, error=error)).rowcount == 1:
         add_event(session, job.id, "stage", f"job {status}" + (f": {error['message']}" if error else " (its worker was lost)"),
                {"stage": status, **({"error": error} if error else {})})
+        webhooks.job_changed(session, job.id)
     return False
 
 
