@@ -8,7 +8,7 @@ import logging
 
 from datetime import timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from distill.errors import DistillError, SpecError
@@ -23,6 +23,7 @@ from ..errors import Conflict, NotFound, Unavailable, Unprocessable
 from ..queue import enqueue_job
 from ..schemas import JobCreate
 from ..tables import Job, JobEvent, new_id, utcnow
+from . import webhooks
 from .common import paginate
 from .references import ModelRef, resolve_dataset, resolve_model
 
@@ -307,6 +308,7 @@ def create_job(session: Session, tenant: str, body: JobCreate) -> Job:
         session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
             status="failed", finished_at=utcnow(), error=error))
         add_event(session, job.id, "stage", f"job failed: {exc}", {"stage": "failed", "error": error})
+        webhooks.job_changed(session, job.id)
         session.commit()
         raise Unavailable(f"the job queue is unavailable ({exc}); job {job.id} was marked failed") from None
     return job
@@ -338,12 +340,14 @@ def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
     if session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
             status="cancelled", finished_at=now)).rowcount == 1:
         add_event(session, job_id, "stage", "job cancelled before it started", {"stage": "cancelled"})
+        webhooks.job_changed(session, job_id)
     else:
         dead_before = now - timedelta(seconds=get_settings().heartbeat_timeout_s)
         if session.execute(update(Job).where(Job.id == job_id, Job.status == "running",
                                              Job.heartbeat_at < dead_before).values(
                 status="cancelled", finished_at=now, cancel_requested=True)).rowcount == 1:
             add_event(session, job_id, "stage", "job cancelled (its worker was lost)", {"stage": "cancelled"})
+            webhooks.job_changed(session, job_id)
         elif session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
                 cancel_requested=True)).rowcount == 1:
             add_event(session, job_id, "stage", "cancellation requested", {"stage": "cancel_requested"})
@@ -364,3 +368,19 @@ def list_events(session: Session, tenant: str, job_id: str, after: int | None, l
         query = query.where(JobEvent.id > after)
     rows = session.scalars(query.order_by(JobEvent.id).limit(limit + 1)).all()
     return list(rows[:limit]), len(rows) > limit
+
+
+def queue_positions(session: Session, job_ids: list[str]) -> dict[str, int]:
+    """{job id: place in the queue} for those of ``job_ids`` that are queued; 1 = next to run.
+
+    One FIFO across all tenants, by ``created_at`` (then id): the workers take jobs off one broker
+    queue in the order they were published, whoever submitted them, so a job's place counts
+    every queued job ahead of it (other tenants' too; only their number is shown). A job handed
+    back by a lost worker keeps its place by creation time (an approximation: the broker may
+    hand it out later)."""
+    if not job_ids:
+        return {}
+    ranked = select(Job.id.label("id"), func.row_number().over(order_by=(Job.created_at, Job.id)).label("position")) \
+        .where(Job.status == "queued").subquery()
+    rows = session.execute(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(job_ids))).all()
+    return {job_id: int(position) for job_id, position in rows}
