@@ -10,15 +10,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from fastapi import Depends, FastAPI  # noqa: E402
-from sqlalchemy import text
+from fastapi.responses import JSONResponse  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+from sqlalchemy.exc import DBAPIError  # noqa: E402
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api.deps import current_tenant
-from .api.routes import completions, files, jobs, models
+from .api.routes import completions, files, jobs, models, webhooks
 from .config import get_settings
 from .db import get_engine
 from .errors import PayloadTooLarge, install_error_handlers, problem_response
+from .schemas import Health
+from .services import readiness
+from . import openapi
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -79,19 +84,36 @@ class LimitBodySize:
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    app = FastAPI(title="Distillation service", version="0.1.0",
+    app = FastAPI(title="Distillation service", version="0.1.0", docs_url=None, redoc_url=None,
                   description="Turn a trained teacher model into a small, fast student.")
+    openapi.install(app)  # /docs and /redoc from local assets (no CDN); problem+json schemas
     install_error_handlers(app)
-    for module in (files, jobs, models, completions):
+    for module in (files, jobs, models, completions, webhooks):
         # Every /v1 route needs an API key, even one that forgets to take CurrentTenant (which each
         # route does, to scope its lookups; FastAPI resolves the dependency once per request).
         app.include_router(module.router, prefix="/v1", dependencies=[Depends(current_tenant)])
+    from . import dashboard
+    dashboard.install(app)  # /dashboard: the web UI; the page itself needs no key, its /v1 calls send one
 
-    @app.get("/healthz", tags=["health"])
-    def healthz() -> dict:
+    @app.get("/healthz", tags=["health"], response_model=Health)
+    def healthz() -> Health:
+        """Liveness: the process answers and reaches its database (see /readyz for readiness)."""
         with get_engine().connect() as connection:
             connection.execute(text("SELECT 1"))
-        return {"status": "ok"}
+        return Health()
+
+    # Readiness: schema at head, broker up, a worker alive; 503 naming what is missing.
+
+    @app.get("/readyz", tags=["health"], response_model=readiness.ReadinessPublic, responses={
+        503: {"model": readiness.ReadinessPublic, "description": "Not ready: each failing check says what is missing"}})
+    def readyz():
+        ready, checks = readiness.readiness()
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    app.add_exception_handler(DBAPIError, readiness.database_error_response)  # unmigrated DB -> 503
+    app.router.add_event_handler("startup", readiness.start_watcher)  # "no worker seen" events for waiting jobs
+    app.router.add_event_handler("shutdown", readiness.stop_watcher)
 
     app.add_middleware(LimitBodySize, max_bytes=settings.max_upload_bytes)
     return app

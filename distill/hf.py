@@ -719,12 +719,24 @@ def _yaml_string(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML scalar
 
 
+def _training_section(history: list[dict]) -> list[str]:
+    """The loss per epoch (what the service's report draws as curves), as a table."""
+    if not history:
+        return []
+    lines = ["", "## Training", "", f"{len(history)} epochs.", "",
+             "| Epoch | Step | Training loss | Validation loss |", "| --- | --- | --- | --- |"]
+    lines += [f"| {_cell(r.get('epoch'))} | {_cell(r.get('step'))} | {_cell(r.get('train_loss'))} | "
+              f"{_cell(r.get('validation_loss'))} |" for r in history]
+    return lines
+
+
 def model_card(info: dict) -> str:
     """A Markdown model card with YAML front matter (``library_name: transformers``, ``tags``,
     ``base_model``, ``pipeline_tag``) and sections for the teacher, data, method,
     hyperparameters (table) and evaluation (table). ``info`` keys: teacher, student, task,
-    method, loss, data, hyperparameters (dict), evaluation (dict; a dict of dicts, e.g.
-    ``{"teacher": {...}, "student": {...}}``, becomes one column per key)."""
+    method, loss, data, hyperparameters (dict), history (the per-epoch records: a loss table),
+    evaluation (dict; a dict of dicts, e.g. ``{"teacher": {...}, "student": {...}}``, becomes one
+    column per key)."""
     teacher = info.get("teacher") or "unknown"
     student = info.get("student") or "distilled-student"
     task = info.get("task")
@@ -749,6 +761,7 @@ def model_card(info: dict) -> str:
     lines += ["", "## Hyperparameters", "", "| Hyperparameter | Value |", "| --- | --- |"]
     for key, value in _flatten(info.get("hyperparameters") or {}).items():
         lines.append(f"| {_cell(key)} | {_cell(value)} |")
+    lines += _training_section(info.get("history") or [])
     lines += ["", "## Evaluation", ""]
     evaluation = info.get("evaluation") or {}
     if evaluation and all(isinstance(v, dict) for v in evaluation.values()):

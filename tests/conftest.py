@@ -81,6 +81,8 @@ def service_env(tmp_path_factory) -> dict:
         "DISTILL_MODELS_DIR": str(root / "server-models"),
         # Tests submit jobs faster than the workers finish them; the limit has tests of its own (test_auth.py).
         "DISTILL_TENANT_MAX_RUNNING_JOBS": "1000",
+        "DISTILL_WEBHOOKS_ALLOW_PRIVATE": "1",  # the webhook tests' receivers listen on 127.0.0.1
+        "DISTILL_WEBHOOK_RETRY_BASE_S": "0.5",  # retries in seconds, not minutes (still one reconciler pass apart)
         "PYTHONUNBUFFERED": "1",
     }
     subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=ROOT, env=env, check=True,

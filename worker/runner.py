@@ -31,6 +31,7 @@ from app.queue import enqueue_job
 from app.services import leases
 from app.services.leases import LeaseLost
 from app.services.references import dataset_path, resolve_dataset, resolve_model
+from app.services.report import append_to_card
 from app.storage import get_storage, work_dir_for
 from app.tables import FileRecord, ModelRecord, new_id
 from distill.archive import make_archive
@@ -172,6 +173,8 @@ def register_model(lease: JobLease, tenant: str, task: str, result: RunResult) -
         # the download is a .tar.gz of it, built once here, next to it in the work folder.
         final = Path(result.model_path)
         architecture = {**kind.inspect(final), "kind": kind.name}
+        with session_scope() as session:  # lineage (uploads' sha256), run and spec: what the engine can't know
+            append_to_card(session, final / "README.md", tenant, job_id)
         archive = make_archive(final, final.parent / f"{model_id}.tar.gz")
         key = storage_keys.model_archive(model_id)
         size, sha256 = storage.save_file(key, archive, move=True)

@@ -9,7 +9,7 @@ from sqlalchemy import Select, and_, or_, select
 from sqlalchemy.orm import Session
 
 from ..errors import Unprocessable
-from ..schemas import ID_PATTERN
+from ..schemas import ID_PATTERN, JobPublic
 
 MAX_PAGE = 100
 _ID = re.compile(ID_PATTERN)
@@ -56,3 +56,13 @@ def page(data: list, has_more: bool) -> dict:
     """The list envelope's fields for a page of public objects (newest first)."""
     return {"data": data, "has_more": has_more, "first_id": data[0].id if data else None,
             "last_id": data[-1].id if data else None}
+
+
+def job_public(job, queue_position: int | None = None) -> JobPublic:
+    """A job as the API shows it (GET /v1/distillation/jobs/{id}, webhook payloads): ``queue_position``
+    only while queued."""
+    return JobPublic(id=job.id, status=job.status, created_at=unix(job.created_at), started_at=unix(job.started_at),
+                     finished_at=unix(job.finished_at), spec=job.spec, progress=job.progress or {},
+                     metrics=job.metrics or {}, error=job.error, result_model_id=job.result_model_id,
+                     result_files=job.result_files or [], device=job.device, cancel_requested=job.cancel_requested,
+                     queue_position=queue_position if job.status == "queued" else None)

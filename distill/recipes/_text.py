@@ -111,7 +111,7 @@ def card(spec: "JobSpec", student: nn.Module, evaluation: dict, history: list[di
                        "method": method_line(spec, describe(student)),
                        "loss": {"type": spec.loss.type, "beta": spec.loss.beta, "top_k": spec.teacher_signal.top_k},
                        "hyperparameters": hp.model_dump(), "evaluation": evaluation,
-                       "epochs_trained": len(history)})
+                       "epochs_trained": len(history), "history": history})
 
 
 def method_line(spec: "JobSpec", lora: str | None = None) -> str:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from ...errors import PayloadTooLarge
+from ...openapi import BINARY, errors
 from ...schemas import Deleted, FilePublic, FilePurpose, FilesPublic
 from ...services import files as service
 from ...services import idempotency, quotas
@@ -23,7 +24,7 @@ def public(record: FileRecord) -> FilePublic:
                       kind=record.kind)
 
 
-@router.post("", status_code=201, response_model=FilePublic)
+@router.post("", status_code=201, response_model=FilePublic, responses=errors(400, 409, 413))
 def upload_file(request: Request, session: SessionDep, tenant: CurrentTenant, file: Annotated[UploadFile, File()],
                 purpose: Annotated[FilePurpose, Form()], idempotency_key: IdempotencyKeyHeader = None) -> FilePublic:
     """Upload a dataset (CSV / JSONL) or a model (.safetensors); it is validated before it is kept.
@@ -46,7 +47,7 @@ def upload_file(request: Request, session: SessionDep, tenant: CurrentTenant, fi
     return idempotency.run(session, tenant, idempotency_key, fingerprint, 201, create)
 
 
-@router.get("", response_model=FilesPublic)
+@router.get("", response_model=FilesPublic, responses=errors())
 def list_files(session: SessionDep, tenant: CurrentTenant, purpose: FilePurpose | None = None,
                after: Cursor = None, limit: Annotated[int, Query()] = 20) -> FilesPublic:
     rows, has_more = service.list_files(session, tenant, purpose, after, limit)
@@ -54,12 +55,12 @@ def list_files(session: SessionDep, tenant: CurrentTenant, purpose: FilePurpose 
     return FilesPublic(**page(data, has_more))
 
 
-@router.get("/{file_id}", response_model=FilePublic)
+@router.get("/{file_id}", response_model=FilePublic, responses=errors(404))
 def get_file(session: SessionDep, tenant: CurrentTenant, file_id: FileId) -> FilePublic:
     return public(service.get_file(session, tenant, file_id))
 
 
-@router.get("/{file_id}/content", response_class=FileResponse)
+@router.get("/{file_id}/content", response_class=FileResponse, responses={200: BINARY, **errors(404)})
 def download_file(session: SessionDep, tenant: CurrentTenant, file_id: FileId) -> FileResponse:
     """The file's bytes as uploaded (or as generated, for a job's result file)."""
     record = service.get_file(session, tenant, file_id)
@@ -67,7 +68,7 @@ def download_file(session: SessionDep, tenant: CurrentTenant, file_id: FileId) -
                         filename=record.filename)
 
 
-@router.delete("/{file_id}", response_model=Deleted)
+@router.delete("/{file_id}", response_model=Deleted, responses=errors(404, 409))
 def delete_file(session: SessionDep, tenant: CurrentTenant, file_id: FileId) -> Deleted:
     service.delete_file(session, tenant, file_id)
     return Deleted(id=file_id, object="file")

@@ -5,11 +5,14 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import StreamingResponse
 
-from ...schemas import Deleted, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic, JobStatus
+from ...openapi import errors, event_stream
+from ...schemas import (Deleted, EstimatePublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic,
+                        JobStatus)
+from ...services import estimate as estimates
 from ...services import idempotency, quotas
 from ...services import deletion
 from ...services import jobs as service
-from ...services.common import page, unix
+from ...services.common import job_public, page, unix
 from ...services.event_stream import stream_events
 from ...tables import Job, JobEvent
 from ..deps import CurrentTenant, IdempotencyKeyHeader, RequestSha256, SessionDep
@@ -18,11 +21,13 @@ from ..params import Cursor, JobId
 router = APIRouter(prefix="/distillation/jobs", tags=["distillation jobs"])
 
 
-def public(job: Job) -> JobPublic:
-    return JobPublic(id=job.id, status=job.status, created_at=unix(job.created_at), started_at=unix(job.started_at),
-                     finished_at=unix(job.finished_at), spec=job.spec, progress=job.progress or {},
-                     metrics=job.metrics or {}, error=job.error, result_model_id=job.result_model_id,
-                     result_files=job.result_files or [], device=job.device, cancel_requested=job.cancel_requested)
+public = job_public
+
+
+def public_with_position(session, job: Job) -> JobPublic:
+    """The job with its ``queue_position`` while queued (one FIFO across tenants: services.jobs.queue_positions)."""
+    position = service.queue_positions(session, [job.id]).get(job.id) if job.status == "queued" else None
+    return public(job, position)
 
 
 def public_event(event: JobEvent) -> JobEventPublic:
@@ -30,7 +35,7 @@ def public_event(event: JobEvent) -> JobEventPublic:
                           data=event.data)
 
 
-@router.post("", status_code=201, response_model=JobPublic)
+@router.post("", status_code=201, response_model=JobPublic, responses=errors(400, 409, 429, 503))
 def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, request_sha256: RequestSha256,
                idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
     """Submit a job; it is checked against its files now and queued for a worker. 429 when the tenant
@@ -38,36 +43,44 @@ def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, requ
 
     def create() -> JobPublic:
         quotas.check_running_jobs(session, tenant)
-        return public(service.create_job(session, tenant, body))
+        return public_with_position(session, service.create_job(session, tenant, body))
 
     return idempotency.run(session, tenant, idempotency_key, request_sha256, 201, create)
 
 
-@router.get("", response_model=JobsPublic)
+@router.post("/estimate", response_model=EstimatePublic, responses=errors(400))
+def estimate_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate) -> EstimatePublic:
+    """What the job would cost: optimizer steps, rows and tokens, teacher and student FLOPs and an estimated
+    duration on the workers' device. Checked like a submit (422 naming the field); nothing is queued."""
+    return estimates.estimate(session, tenant, body)
+
+
+@router.get("", response_model=JobsPublic, responses=errors())
 def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | None = None, after: Cursor = None,
               limit: Annotated[int, Query()] = 20) -> JobsPublic:
     rows, has_more = service.list_jobs(session, tenant, status, after, limit)
-    data = [public(j) for j in rows]
+    positions = service.queue_positions(session, [j.id for j in rows if j.status == "queued"])
+    data = [public(j, positions.get(j.id)) for j in rows]
     return JobsPublic(**page(data, has_more))
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
 def get_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
-    return public(service.get_job(session, tenant, job_id))
+    return public_with_position(session, service.get_job(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))
 def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     """A queued job is cancelled at once; a running one stops cooperatively within seconds."""
     return public(service.cancel_job(session, tenant, job_id))
 
 
-EVENT_STREAM_DOC = {200: {"content": {"text/event-stream": {
-    "schema": {"type": "string"},
-    "example": 'id: 12\nevent: stage\ndata: {"id":12,"type":"stage","data":{"stage":"training"}}\n\n'}}}}
+EVENT_STREAM_DOC = {200: event_stream(
+    "JobEventPublic", 'id: 12\nevent: stage\ndata: {"id":12,"type":"stage","data":{"stage":"training"}}\n\n',
+    "The events; with stream=true, Server-Sent Events (each data a JobEventPublic) until the final stage")}
 
 
-@router.get("/{job_id}/events", response_model=JobEventsPublic, responses=EVENT_STREAM_DOC)
+@router.get("/{job_id}/events", response_model=JobEventsPublic, responses={**EVENT_STREAM_DOC, **errors(404)})
 def list_events(session: SessionDep, tenant: CurrentTenant, job_id: JobId,
                 after: Annotated[int | None, Query(ge=0, le=2**62)] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -85,7 +98,7 @@ def list_events(session: SessionDep, tenant: CurrentTenant, job_id: JobId,
     return JobEventsPublic(data=[public_event(e) for e in rows], has_more=has_more)
 
 
-@router.delete("/{job_id}", response_model=Deleted)
+@router.delete("/{job_id}", response_model=Deleted, responses=errors(404, 409))
 def delete_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Deleted:
     """Delete a finished job with its events and work folder (409 while queued or running); its model stays."""
     deletion.delete_job(session, tenant, job_id)

@@ -3,10 +3,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, HTMLResponse
 
+from ...openapi import HTML, errors
 from ...schemas import Deleted, ModelPublic, ModelsPublic, PredictRequest, PredictResponse
-from ...services import deletion
+from ...services import deletion, report
 from ...services import models as service
 from ...services.common import page, unix
 from ...tables import ModelRecord
@@ -17,12 +18,13 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 
 def public(record: ModelRecord) -> ModelPublic:
-    return ModelPublic(id=record.id, created_at=unix(record.created_at), job_id=record.job_id, task=record.task,
+    return ModelPublic(id=record.id, created_at=unix(record.created_at), created=unix(record.created_at),
+                       owned_by=record.tenant_id or "distill", job_id=record.job_id, task=record.task,
                        architecture=record.architecture, parameters=record.parameters, size_bytes=record.size_bytes,
                        sha256=record.sha256, evaluation=record.evaluation, kind=record.kind)
 
 
-@router.get("", response_model=ModelsPublic)
+@router.get("", response_model=ModelsPublic, responses=errors())
 def list_models(session: SessionDep, tenant: CurrentTenant, after: Cursor = None,
                 limit: Annotated[int, Query()] = 20) -> ModelsPublic:
     rows, has_more = service.list_models(session, tenant, after, limit)
@@ -30,10 +32,21 @@ def list_models(session: SessionDep, tenant: CurrentTenant, after: Cursor = None
     return ModelsPublic(**page(data, has_more))
 
 
-@router.get("/{model_id}", response_model=ModelPublic)
+@router.get("/{model_id}", response_model=ModelPublic, responses=errors(404))
 def get_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> ModelPublic:
     return public(service.get_model(session, tenant, model_id))
 
+
+@router.get("/{model_id}/report", response_class=HTMLResponse, responses={200: HTML, **errors(404)})
+def model_report(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> HTMLResponse:
+    """A printable, self-contained HTML report: loss curves (inline SVG), the teacher-vs-student
+    evaluation, the exact spec, the lineage (every input's id, filename and sha256), device and duration."""
+    return HTMLResponse(report.render(report.gather(session, tenant, model_id)), headers=report.HEADERS)
+
+
+MODEL_DOWNLOAD = {"description": "A safetensors model file (MLP) or a .tar.gz (transformers models, adapters)",
+                  "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                              for media in ("application/octet-stream", "application/gzip")}}
 
 DownloadFormat = Annotated[Literal["model", "adapter"], Query(
     description="'model' (default): the student as uploaded teachers are, for a LoRA student with its adapters "
@@ -41,7 +54,7 @@ DownloadFormat = Annotated[Literal["model", "adapter"], Query(
                 "adapter_model.safetensors) as a .tar.gz")]
 
 
-@router.get("/{model_id}/download", response_class=FileResponse)
+@router.get("/{model_id}/download", response_class=FileResponse, responses={200: MODEL_DOWNLOAD, **errors(404)})
 def download_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId,
                    format: DownloadFormat = "model") -> FileResponse:
     """The student in the format a teacher is uploaded in: a model file (MLP), or a .tar.gz of a
@@ -52,13 +65,13 @@ def download_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId
     return FileResponse(path, media_type=media_type, filename=filename, headers={"X-Content-SHA256": sha256})
 
 
-@router.post("/{model_id}/predict", response_model=PredictResponse)
+@router.post("/{model_id}/predict", response_model=PredictResponse, responses=errors(400, 404))
 def predict(session: SessionDep, tenant: CurrentTenant, model_id: ModelId, body: PredictRequest) -> PredictResponse:
     record = service.get_model(session, tenant, model_id)
     return PredictResponse(model=record.id, predictions=service.predict(record, body.inputs))
 
 
-@router.delete("/{model_id}", response_model=Deleted)
+@router.delete("/{model_id}", response_model=Deleted, responses=errors(404, 409))
 def delete_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId) -> Deleted:
     """Delete a model and its stored weights; 409 while a queued or running job uses it as teacher or student."""
     deletion.delete_model(session, tenant, model_id)
