@@ -29,6 +29,7 @@ from .device import resolve_device
 from .loop import train
 from .recipes import RunContext, get_recipe
 from .spec import JobSpec
+from .teacher_cache import TeacherCache
 
 __all__ = ["run_distillation", "RunResult", "EventCallback"]
 
@@ -73,15 +74,17 @@ def run_distillation(
     device: str = "auto",
     resume: bool = False,
     checkpoint_interval_s: float = 60.0,
+    teacher_cache: TeacherCache | None = None,
 ) -> RunResult:
     """Run one distillation job; artifacts go under ``out_dir`` (checkpoints/, final/).
 
     With ``resume`` the newest step checkpoint in ``out_dir`` (if any) is restored and
     training continues at the next batch; a resumed run equals an uninterrupted one.
+    ``teacher_cache`` (distill/teacher_cache.py) shares causal-LM top-k teacher signals across jobs.
     """
     torch_device = resolve_device(device)
     ctx = RunContext(device=torch_device, out_dir=Path(out_dir), on_event=on_event or _ignore_event,
-                     should_stop=should_stop or _never_stop, resume=resume)
+                     should_stop=should_stop or _never_stop, resume=resume, teacher_cache=teacher_cache)
     recipe = get_recipe(spec.task, spec.method, spec.loss.type)(spec, ctx)
     cuda = [torch_device] if torch_device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

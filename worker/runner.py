@@ -32,7 +32,7 @@ from app.services import leases
 from app.services.leases import LeaseLost
 from app.services.references import dataset_path, resolve_dataset, resolve_model
 from app.services.report import append_to_card
-from app.storage import get_storage, work_dir_for
+from app.storage import get_storage, work_dir_for, work_root
 from app.tables import FileRecord, ModelRecord, new_id
 from distill.archive import make_archive
 from distill.device import resolve_device
@@ -40,6 +40,7 @@ from distill.errors import DistillError, JobStopped, SpecError
 from distill.kinds import get_kind
 from distill.spec import JobSpec
 from distill.text_data import inspect_text_dataset
+from distill.teacher_cache import TeacherCache
 from distill.train import RunResult, run_distillation
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,8 @@ def _run(lease: JobLease, job, out_dir: Path, device, settings) -> None:
     try:
         result = run_distillation(engine_spec(job.spec, job.tenant_id), out_dir, on_event=lease.on_event,
                                   should_stop=lease.should_stop, device=device, resume=True,
-                                  checkpoint_interval_s=settings.checkpoint_interval_s)
+                                  checkpoint_interval_s=settings.checkpoint_interval_s,
+                                  teacher_cache=TeacherCache(work_root(settings), settings.teacher_cache_bytes))
         register_model(lease, job.tenant_id, job.spec.get("task", "classification"), result)
     except JobStopped as exc:
         reason = lease.stop_reason or "cancelled"

@@ -15,6 +15,7 @@ from ..errors import JobStopped
 
 if TYPE_CHECKING:
     from ..spec import JobSpec
+    from ..teacher_cache import TeacherCache
 
 __all__ = ["Recipe", "RunContext", "Export", "register", "RECIPES", "LOSS_RECIPES"]
 
@@ -49,6 +50,8 @@ class RunContext:
     resume: bool = False
     generator: torch.Generator = field(default_factory=torch.Generator)
     """The engine's own randomness (data order, splits); global RNG is only what torch modules use."""
+    teacher_cache: "TeacherCache | None" = None
+    """Top-k teacher signals shared across jobs (distill/teacher_cache.py); None: computed every run."""
 
     def stage(self, stage: str, **data) -> None:
         self.on_event("stage", {"stage": stage, **data})

@@ -71,6 +71,11 @@ class CausalLMToken(WithIntermediate, CausalLMBase, Recipe):
         self.num_examples = self.tokens["input_ids"].shape[0]
 
     def teacher_signal(self) -> TopKSignal:
+        """The top-k teacher signal. With a teacher cache (``ctx.teacher_cache``, distill/teacher_cache.py)
+        it is looked up by content (teachers' weights, tokenized data, k, temperature, vocabulary); a hit
+        skips the teacher. A cached signal is quantized, so on a miss too the job trains from the DECODED
+        signal (compute → encode → store → decode): the first job and every repeat train bit-identically.
+        Without a cache (or budget 0) the fresh float32 signal is used, as before."""
         n, length = self.tokens["input_ids"].shape
         k = min(self.spec.teacher_signal.top_k, self.shared)
         bytes_per_token = 8 * k + 4
@@ -80,11 +85,36 @@ class CausalLMToken(WithIntermediate, CausalLMBase, Recipe):
                                 f"({bytes_per_token} per token), over the {TEACHER_SIGNAL_MAX_BYTES}-byte limit; "
                                 "use a smaller teacher_signal.top_k, less data, or leave top_k out to run the "
                                 "teacher alongside training (the full-vocabulary loss)", param="teacher_signal.top_k")
-        self.ctx.stage("teacher_inference", rows=n, top_k=k)
-        signal = precompute_topk(self.teacher, self.tokens, k, self.hp.temperature, self.shared, self.device,
-                                 self.hp.batch_size, self.ctx.check_stop)
-        self.ctx.on_event("teacher_signal", {"top_k": k, "positions": n * length, "bytes": size,
-                                             "bytes_per_token": bytes_per_token})
+        event = {"top_k": k, "positions": n * length, "bytes": size, "bytes_per_token": bytes_per_token,
+                 "cache": "off"}
+        cache = getattr(self.ctx, "teacher_cache", None)
+        if cache is not None and cache.enabled:
+            from ..teacher_cache import decode_signal, encode_signal
+
+            key, inputs = cache.key([(str(p), w) for p, w in self.spec.teacher_paths], self.tokens, k,
+                                    self.hp.temperature, self.shared,
+                                    str(next(self.teacher_model.parameters()).dtype))
+            hit = cache.get(key)
+            event.update(cache="hit" if hit is not None else "miss", cache_key=key)
+            if hit is not None:
+                self.ctx.stage("teacher_inference", rows=n, top_k=k, cache="hit")
+                signal, stored = hit.signal, hit.stored_bytes
+            else:
+                self.ctx.stage("teacher_inference", rows=n, top_k=k, cache="miss")
+                fresh = precompute_topk(self.teacher, self.tokens, k, self.hp.temperature, self.shared, self.device,
+                                        self.hp.batch_size, self.ctx.check_stop)
+                encoded = encode_signal(fresh, self.shared)
+                del fresh
+                written = cache.put(key, encoded, inputs)  # None: bigger than the whole budget, not stored
+                event["stored"] = written is not None
+                stored = written or sum(t.numel() * t.element_size() for t in encoded.values())
+                signal = decode_signal(encoded)
+            event.update(cache_bytes=stored, cache_bytes_per_token=round(stored / max(1, n * length), 2))
+        else:
+            self.ctx.stage("teacher_inference", rows=n, top_k=k)
+            signal = precompute_topk(self.teacher, self.tokens, k, self.hp.temperature, self.shared, self.device,
+                                     self.hp.batch_size, self.ctx.check_stop)
+        self.ctx.on_event("teacher_signal", event)
         return signal
 
     def batch_loss(self, indices: torch.Tensor) -> tuple[torch.Tensor | None, int]:
