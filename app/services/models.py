@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -21,6 +22,7 @@ from ..config import get_settings
 from ..errors import NotFound, Unprocessable
 from ..storage import get_storage
 from ..tables import ModelRecord
+from .batching import MicroBatcher
 from .common import is_id, paginate, shown_id
 from .references import model_path
 
@@ -71,13 +73,28 @@ def store_adapter(model_id: str, folder: Path) -> dict:
 
 
 class ModelCache:
-    """Loaded models by id, least recently used evicted first; thread-safe. Each entry
-    carries a lock so one model serves one request at a time (generation is stateful)."""
+    """Loaded models by id, least recently used evicted first, bounded by their bytes (weights and
+    buffers) and by count; thread-safe. The entry just loaded is kept even when it alone is over the
+    byte budget. Each entry carries a lock so one model serves one request at a time (generation is
+    stateful). Ids discarded (deleted models) are remembered so queued predictions get 404."""
 
-    def __init__(self, capacity: int, loader: Callable[[ModelRecord], Any]):
+    def __init__(self, capacity: int, loader: Callable[[ModelRecord], Any], capacity_bytes: int | None = None,
+                 sizer: Callable[[Any], int] | None = None):
         self.capacity, self.loader = capacity, loader
+        self.capacity_bytes, self.sizer = capacity_bytes, sizer or loaded_bytes
         self._entries: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._discarded: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def bytes(self) -> int:
+        with self._lock:
+            return sum(self._sizes.values())
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
 
     def get(self, record: ModelRecord) -> tuple[Any, threading.Lock]:
         key = f"{record.id}:{record.sha256}"
@@ -85,11 +102,19 @@ class ModelCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        entry = (self.loader(record), threading.Lock())
+        loaded = self.loader(record)
+        size = self.sizer(loaded)
+        entry = (loaded, threading.Lock())
         with self._lock:
+            if key not in self._entries:
+                self._sizes[key] = size
             entry = self._entries.setdefault(key, entry)
-            while len(self._entries) > self.capacity:
-                self._entries.popitem(last=False)
+            self._entries.move_to_end(key)
+            total = sum(self._sizes.values())
+            while len(self._entries) > 1 and (len(self._entries) > self.capacity or (
+                    self.capacity_bytes is not None and total > self.capacity_bytes)):
+                old, _ = self._entries.popitem(last=False)
+                total -= self._sizes.pop(old, 0)
         return entry
 
     def discard(self, model_id: str) -> None:
@@ -97,6 +122,23 @@ class ModelCache:
         with self._lock:
             for key in [k for k in self._entries if k.split(":", 1)[0] == model_id]:
                 del self._entries[key]
+                self._sizes.pop(key, None)
+            self._discarded[model_id] = None
+            while len(self._discarded) > 4096:
+                self._discarded.popitem(last=False)
+
+    def discarded(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._discarded
+
+
+def loaded_bytes(loaded: Any) -> int:
+    """Bytes of a loaded model's parameters and buffers (for hf kinds: the model of (model, tokenizer))."""
+    module = loaded[0] if isinstance(loaded, tuple) else loaded
+    if not isinstance(module, torch.nn.Module):
+        return 0
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}  # tied weights once
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _load(record: ModelRecord):
@@ -104,13 +146,26 @@ def _load(record: ModelRecord):
 
 
 _cache: ModelCache | None = None
+_batcher: MicroBatcher | None = None
 
 
 def model_cache() -> ModelCache:
     global _cache
     if _cache is None:
-        _cache = ModelCache(get_settings().model_cache_size, _load)
+        settings = get_settings()
+        _cache = ModelCache(settings.model_cache_size, _load, settings.model_cache_bytes)
     return _cache
+
+
+def predict_batcher() -> MicroBatcher:
+    global _batcher
+    if _batcher is None:
+        settings = get_settings()
+        threads = settings.predict_torch_threads
+        _batcher = MicroBatcher(settings.predict_max_batch, settings.predict_max_wait_ms / 1000,
+                                settings.predict_max_queue,
+                                initializer=(lambda: torch.set_num_threads(threads)) if threads else None)
+    return _batcher
 
 
 def _check_count(inputs: list) -> None:
@@ -119,21 +174,90 @@ def _check_count(inputs: list) -> None:
         raise Unprocessable(f"at most {limit} inputs per request, got {len(inputs)}", param="inputs")
 
 
-def predict(record: ModelRecord, inputs: list) -> list[dict]:
+def _check_request(record: ModelRecord, inputs: list) -> None:
     _check_count(inputs)
     if record.task == "causal_lm":
         raise Unprocessable("this is a language model: use POST /v1/completions", param="model_id")
-    kind = get_kind(record.kind)
     text = record.task == "text_classification"
     if any(isinstance(row, str) != text for row in inputs):
         wanted = "a list of texts" if text else "a list of feature rows (lists of numbers)"
         raise Unprocessable(f"this model takes {wanted}", param="inputs")
-    loaded, lock = model_cache().get(record)
-    try:
-        with lock, torch.no_grad():
-            logits = kind.logits(loaded, kind.prepare_inputs(loaded, inputs))
-    except ModelFormatError as exc:
-        raise Unprocessable(exc.message, param=exc.param or "inputs") from None
-    probabilities = torch.softmax(logits.float(), dim=-1)
+
+
+def _forward(kind, loaded, inputs: list) -> torch.Tensor:
+    """Probabilities (B, C) of ``inputs`` (text rows padded to the longest, with the attention mask)."""
+    with torch.no_grad():
+        return torch.softmax(kind.logits(loaded, kind.prepare_inputs(loaded, inputs)).float(), dim=-1)
+
+
+def _rows(probabilities: torch.Tensor) -> list[dict]:
     labels = probabilities.argmax(-1).tolist()
     return [{"label": label, "probabilities": row} for label, row in zip(labels, probabilities.tolist())]
+
+
+def _one(kind, loaded, inputs: list) -> list[dict] | Exception:
+    try:
+        return _rows(_forward(kind, loaded, inputs))
+    except ModelFormatError as exc:
+        return Unprocessable(exc.message, param=exc.param or "inputs")
+    except Exception as exc:  # noqa: BLE001 - this request's failure, not its neighbours'
+        return exc
+
+
+def run_batch(record: ModelRecord, requests: list[list]) -> list[list[dict] | Exception]:
+    """Several requests' rows for one model as one forward; per request its predictions or its error.
+    When the joint forward fails (a bad row somewhere), each request runs alone, so an error names the
+    row of its own request (``inputs[i]``) and never fails its neighbours."""
+    cache = model_cache()
+    if cache.discarded(record.id):
+        return [NotFound(f"no model with id {record.id}", param="model_id")] * len(requests)
+    try:
+        loaded, lock = cache.get(record)
+    except FileNotFoundError:  # deleted while the request waited
+        return [NotFound(f"no model with id {record.id}", param="model_id")] * len(requests)
+    kind = get_kind(record.kind)
+    with lock:
+        if len(requests) == 1:
+            return [_one(kind, loaded, requests[0])]
+        try:
+            probabilities = _forward(kind, loaded, [row for rows in requests for row in rows])
+        except Exception:  # noqa: BLE001 - attributed per request below
+            return [_one(kind, loaded, rows) for rows in requests]
+    out, start = [], 0
+    rows = _rows(probabilities)
+    for request in requests:
+        out.append(rows[start:start + len(request)])
+        start += len(request)
+    return out
+
+
+def predict(record: ModelRecord, inputs: list) -> list[dict]:
+    """Predictions for one request, run at once in the calling thread (no batching)."""
+    _check_request(record, inputs)
+    result = run_batch(record, [inputs])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+@dataclass(frozen=True)
+class Served:
+    """What serving needs of a model record, detached from its database session (a batch may run
+    after the request that queued it has released its connection)."""
+    id: str
+    sha256: str
+    kind: str
+    task: str | None
+    storage_key: str
+
+    @classmethod
+    def of(cls, record: ModelRecord) -> "Served":
+        return cls(record.id, record.sha256, record.kind, record.task, record.storage_key)
+
+
+async def predict_async(record: ModelRecord | Served, inputs: list) -> list[dict]:
+    """Predictions for one request, micro-batched with concurrent requests for the same model
+    (the forward runs in a worker thread; the event loop only waits)."""
+    _check_request(record, inputs)
+    key = f"{record.id}:{record.sha256}"
+    return await predict_batcher().submit(key, inputs, lambda requests: run_batch(record, requests))

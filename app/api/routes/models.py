@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 
 from ...openapi import HTML, errors
@@ -65,10 +66,19 @@ def download_model(session: SessionDep, tenant: CurrentTenant, model_id: ModelId
     return FileResponse(path, media_type=media_type, filename=filename, headers={"X-Content-SHA256": sha256})
 
 
-@router.post("/{model_id}/predict", response_model=PredictResponse, responses=errors(400, 404))
-def predict(session: SessionDep, tenant: CurrentTenant, model_id: ModelId, body: PredictRequest) -> PredictResponse:
-    record = service.get_model(session, tenant, model_id)
-    return PredictResponse(model=record.id, predictions=service.predict(record, body.inputs))
+@router.post("/{model_id}/predict", response_model=PredictResponse, responses=errors(400, 404, 503))
+async def predict(session: SessionDep, tenant: CurrentTenant, model_id: ModelId,
+                  body: PredictRequest) -> PredictResponse:
+    """Concurrent requests for one model are micro-batched into one forward (DISTILL_PREDICT_MAX_BATCH
+    rows, waiting at most DISTILL_PREDICT_MAX_WAIT_MS); each gets its own rows back, and its own errors.
+    503 with Retry-After when DISTILL_PREDICT_MAX_QUEUE requests are already waiting."""
+    def lookup() -> service.Served:
+        served = service.Served.of(service.get_model(session, tenant, model_id))
+        session.rollback()  # read only: give the connection back while the batch waits
+        return served
+
+    served = await run_in_threadpool(lookup)
+    return PredictResponse(model=served.id, predictions=await service.predict_async(served, body.inputs))
 
 
 @router.delete("/{model_id}", response_model=Deleted, responses=errors(404, 409))
