@@ -72,11 +72,30 @@ class Settings(BaseSettings):
     """An event stream ends after this long (the client reconnects with Last-Event-ID)."""
     model_cache_size: int = 8
     """Finished models kept loaded in memory for /predict."""
+    model_cache_bytes: int | None = 2048 * MiB
+    """Bytes of weights (parameters and buffers) of the models kept loaded for /predict and completions;
+    least recently used evicted first (model_cache_size bounds their count too). The model just loaded
+    stays even if it alone is larger."""
+    predict_max_batch: int = 64
+    """/predict: concurrent requests for one model are run as one forward of at most this many rows
+    (1 = no micro-batching; a larger request runs alone)."""
+    predict_max_wait_ms: float = 2.0
+    """/predict: how long a batch waits for more requests when it has fewer than predict_max_batch rows."""
+    predict_max_queue: int = 1024
+    """/predict: requests waiting for a batch in one API process; past it, 503 with Retry-After."""
+    predict_torch_threads: int | None = 1
+    """/predict: torch intra-op threads of each forward (set in the batcher's own threads only; unset: torch's
+    default). One: a small model's forward on several threads spends more on waking them than it saves, badly so
+    on a busy machine (an 8->16->3 MLP on 2 busy cores: 12 ms for 8 rows on 2 threads, 0.2 ms on one)."""
     max_predict_inputs: int = 10_000
     tenant_max_running_jobs: int = 8
     """A tenant with this many queued + running jobs gets 429 on the next submit."""
     tenant_max_storage_bytes: int = 50 * 1024 * MiB
     """An upload that would take a tenant's stored files (sum of their bytes) past this gets 413."""
+    teacher_cache_bytes: int = 20 * 1024 * MiB
+    """Workers keep causal-LM top-k teacher signals under <work root>/teacher-signals, shared across jobs
+    (distill/teacher_cache.py), least recently used evicted past this many bytes; 0 = off (every job runs
+    its teacher)."""
     webhooks_allow_private: bool = False
     """Let webhook URLs reach private, loopback, link-local and reserved addresses (DISTILL_WEBHOOKS_ALLOW_PRIVATE=1:
     tests, or receivers inside your own network). Off: such URLs are refused, at registration and again at
