@@ -14,14 +14,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from distill.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
-from distill.errors import JobStopped, MismatchError
+from distill.checkpoint import CHECKPOINTS_DIR
+from distill.errors import MismatchError
 from distill.hf import student_from_config
 from distill.losses.intermediate import (attention_kl, hidden_cosine, hidden_mse, masked_mean, resolve_layer_pairs,
                                          uniform_layer_pairs)
 from distill.recipes._intermediate import Intermediate
 from distill.spec import IntermediateSpec, JobSpec
 from distill.train import run_distillation
+from tests.distill.resume_helpers import assert_same_tensors, interrupt_inside_epoch_two
 from tests.distill.hf_factories import (SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, synthetic_language,
                                         tiny_bert_classifier, tiny_gpt2)
 
@@ -280,21 +281,12 @@ def test_projection_trains_checkpoints_and_resumes_bit_identically(files, tmp_pa
     assert projection in newer and not torch.equal(older[projection], newer[projection])  # it trains
     assert any(name.startswith("student.") for name in newer)
 
-    records: list[dict] = []
     out = tmp_path / "interrupted"
-    with pytest.raises(JobStopped):
-        run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600,
-                         on_event=lambda kind, data: records.append(data) if kind == "epoch" else None,
-                         should_stop=lambda: len(records) >= 1)
-    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
-    assert state["epoch"] == 1 and state["batch"] > 0
+    interrupt_inside_epoch_two(spec, out)
     resumed = run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600, resume=True)
 
     assert resumed.history == straight.history
-    expected, got = (load_file(str(r.model_path / "model.safetensors")) for r in (straight, resumed))
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_same_tensors(straight.model_path / "model.safetensors", resumed.model_path / "model.safetensors")
 
     # The intermediate term is reported per epoch and described in the evaluation.
     assert all(record["validation_intermediate_loss"] >= 0 for record in straight.history)
@@ -305,7 +297,8 @@ def test_projection_trains_checkpoints_and_resumes_bit_identically(files, tmp_pa
         assert report["attention"] is True and report["attention_heads"] == 2
 
     # The export is the student alone: no projection tensors, and it loads with nothing unexpected.
-    assert not any("projection" in name or name.startswith(("intermediate.", "student.")) for name in expected)
+    exported = load_file(str(straight.model_path / "model.safetensors"))
+    assert not any("projection" in name or name.startswith(("intermediate.", "student.")) for name in exported)
     auto = AutoModelForCausalLM if case == "causal_lm" else AutoModelForSequenceClassification
     _, loading = auto.from_pretrained(straight.model_path, output_loading_info=True)
     assert not loading["unexpected_keys"] and not loading["missing_keys"]

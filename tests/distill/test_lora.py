@@ -12,14 +12,14 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from distill.checkpoint import latest_checkpoint
-from distill.errors import JobStopped, SpecError
+from distill.errors import SpecError
 from distill.hf import derive_student, load_causal_lm, load_classifier
 from distill.loop import train
 from distill.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_dir
 from distill.recipes import RunContext, get_recipe
 from distill.spec import JobSpec
 from distill.train import run_distillation
+from tests.distill.resume_helpers import assert_same_tensors, interrupt_inside_epoch_two
 from tests.distill.hf_factories import (SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, synthetic_language,
                                         tiny_bert_classifier, tiny_gpt2)
 
@@ -168,33 +168,19 @@ def test_text_classifier_trains_adapters_and_head(files, tmp_path):
     torch.testing.assert_close(_logits(adapted, ids), merged_logits, atol=1e-5, rtol=1e-5)
 
 
-def _adapter(result) -> dict[str, torch.Tensor]:
-    return load_file(str(result.adapter_path / ADAPTER_WEIGHTS))
-
-
 def test_lora_run_resumes_bit_for_bit(files, tmp_path):
     # A derived student (the teacher's layer 1) with adapter dropout: the checkpointed RNG matters.
     spec = _spec(files, "causal_lm", {"derive": {"layers": [1]}, "lora": {"r": 2, "alpha": 4, "dropout": 0.1}},
                  hyperparameters={**HP, "epochs": 3})
     straight = run_distillation(spec, tmp_path / "straight", device="cpu", checkpoint_interval_s=3600)
 
-    records: list[dict] = []
     out = tmp_path / "interrupted"
-    with pytest.raises(JobStopped):
-        run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600,
-                         on_event=lambda kind, data: records.append(data) if kind == "epoch" else None,
-                         should_stop=lambda: len(records) >= 1)
-    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
-    assert state["epoch"] == 1 and state["batch"] > 0
+    interrupt_inside_epoch_two(spec, out)
     resumed = run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600, resume=True)
 
     assert resumed.history == straight.history
-    for got, expected in ((load_file(str(resumed.model_path / "model.safetensors")),
-                           load_file(str(straight.model_path / "model.safetensors"))),
-                          (_adapter(resumed), _adapter(straight))):
-        assert got.keys() == expected.keys()
-        for name in expected:
-            assert torch.equal(got[name], expected[name]), name
+    assert_same_tensors(straight.model_path / "model.safetensors", resumed.model_path / "model.safetensors")
+    assert_same_tensors(straight.adapter_path / ADAPTER_WEIGHTS, resumed.adapter_path / ADAPTER_WEIGHTS)
     # The adapter applies to the derived student, which derive rebuilds from the teacher.
     base = derive_student(load_causal_lm(files / "lm"), layers=[1])
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distill.checkpoint import latest_checkpoint
-from distill.errors import JobStopped, MismatchError
+from distill.errors import MismatchError
 from distill.loop import epoch_order
 from distill.recipes import RunContext, get_recipe
 from distill.sampling import completion_mask, layout, on_policy_batch, sample_completions
 from distill.spec import JobSpec
 from distill.train import run_distillation
+from tests.distill.resume_helpers import assert_same_tensors, interrupt_inside_epoch_two
 from tests.distill.hf_factories import (SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, synthetic_language,
                                         tiny_gpt2)
 from tests.factories import train_language_model
@@ -248,20 +248,12 @@ def test_resumed_run_equals_uninterrupted_run(files, tmp_path):
                  hyperparameters={"epochs": 3, "batch_size": 4, "learning_rate": 3e-3})
     straight = run_distillation(spec, tmp_path / "straight", device="cpu", checkpoint_interval_s=3600)
 
-    records: list[dict] = []
     out = tmp_path / "interrupted"
-    with pytest.raises(JobStopped):
-        run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600,
-                         on_event=lambda kind, data: records.append(data) if kind == "epoch" else None,
-                         should_stop=lambda: len(records) >= 1)
-    state = json.loads((latest_checkpoint(out) / "state.json").read_text())
-    assert state["epoch"] == 1 and state["batch"] > 0  # inside epoch 2
+    interrupt_inside_epoch_two(spec, out)
     resumed = run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600, resume=True)
 
     assert resumed.history == straight.history
-    expected, got = load_file(str(straight.model_path / "model.safetensors")), \
-        load_file(str(resumed.model_path / "model.safetensors"))
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_same_tensors(straight.model_path / "model.safetensors", resumed.model_path / "model.safetensors")
     assert resumed.evaluation["on_policy"] == straight.evaluation["on_policy"]
 
 

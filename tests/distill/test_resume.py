@@ -8,13 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from distill.checkpoint import latest_checkpoint
-from distill.errors import JobStopped
 from distill.spec import JobSpec
 from distill.train import run_distillation
+from tests.distill.resume_helpers import assert_same_tensors, interrupt_inside_epoch_two
 from tests.distill.hf_factories import (SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir, synthetic_language,
                                         tiny_bert_classifier, tiny_gpt2)
 
@@ -61,26 +58,14 @@ def _spec(files, case: str) -> JobSpec:
     return JobSpec.from_dict({**common, **specs[case]})
 
 
-def _weights(result) -> dict[str, torch.Tensor]:
-    return load_file(str(result.model_path / "model.safetensors"))
-
-
 @pytest.mark.parametrize("case", ["causal_lm", "causal_lm_top_k", "causal_lm_sequence", "text_classification"])
 def test_resumed_run_equals_uninterrupted_run(files, tmp_path, case):
     spec = _spec(files, case)
     straight = run_distillation(spec, tmp_path / "straight", device="cpu", checkpoint_interval_s=3600)
 
     # Stop at the first optimizer step after epoch 1's record: mid-run, mid-epoch.
-    records: list[dict] = []
     out = tmp_path / "interrupted"
-    with pytest.raises(JobStopped):
-        run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600,
-                         on_event=lambda kind, data: records.append(data) if kind == "epoch" else None,
-                         should_stop=lambda: len(records) >= 1)
-    checkpoint = latest_checkpoint(out)
-    assert checkpoint is not None and checkpoint.name.startswith("step-")
-    state = json.loads((checkpoint / "state.json").read_text())
-    assert state["epoch"] == 1 and state["batch"] > 0  # inside epoch 2, not at its start
+    state = interrupt_inside_epoch_two(spec, out)
 
     stages = []
     resumed = run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600, resume=True,
@@ -90,7 +75,4 @@ def test_resumed_run_equals_uninterrupted_run(files, tmp_path, case):
     assert [stage["stage"] for stage in stages].count("generating") == 0  # the generated set is reused
 
     assert resumed.history == straight.history
-    expected, got = _weights(straight), _weights(resumed)
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_same_tensors(straight.model_path / "model.safetensors", resumed.model_path / "model.safetensors")

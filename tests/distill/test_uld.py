@@ -8,12 +8,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from distill.checkpoint import latest_checkpoint
-from distill.errors import JobStopped
 from distill.losses.chunked import shifted
 from distill.losses.uld import align_completions, chunked_uld_loss, uld_distance
 from distill.recipes import get_recipe
@@ -21,6 +18,7 @@ from distill.recipes.causal_lm_uld import CausalLMULD
 from distill.spec import JobSpec
 from distill.text_data import tokenize_for_lm
 from distill.train import run_distillation
+from tests.distill.resume_helpers import assert_same_tensors, interrupt_inside_epoch_two
 from tests.distill.hf_factories import (SPECIAL_TOKENS, SYNTHETIC_WORDS, make_word_tokenizer, save_model_dir,
                                         synthetic_language, tiny_gpt2, tiny_llama)
 from tests.factories import train_language_model
@@ -259,20 +257,9 @@ def test_resumed_run_equals_uninterrupted_run(files, tmp_path):
     spec = uld_spec(files, student="gpt2_student", epochs=3, batch_size=4, gradient_accumulation_steps=2)
     straight = run_distillation(spec, tmp_path / "straight", device="cpu", checkpoint_interval_s=3600)
 
-    records: list[dict] = []
     out = tmp_path / "interrupted"
-    with pytest.raises(JobStopped):
-        run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600,
-                         on_event=lambda kind, data: records.append(data) if kind == "epoch" else None,
-                         should_stop=lambda: len(records) >= 1)
-    checkpoint = latest_checkpoint(out)
-    state = json.loads((checkpoint / "state.json").read_text())
-    assert state["epoch"] == 1 and state["batch"] > 0  # inside epoch 2
+    interrupt_inside_epoch_two(spec, out)
 
     resumed = run_distillation(spec, out, device="cpu", checkpoint_interval_s=3600, resume=True)
     assert resumed.history == straight.history
-    expected = load_file(str(straight.model_path / "model.safetensors"))
-    got = load_file(str(resumed.model_path / "model.safetensors"))
-    assert expected.keys() == got.keys()
-    for name in expected:
-        assert torch.equal(expected[name], got[name]), name
+    assert_same_tensors(straight.model_path / "model.safetensors", resumed.model_path / "model.safetensors")
