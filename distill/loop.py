@@ -99,6 +99,9 @@ def train(recipe: Recipe, ctx: RunContext, hp: Hyperparameters, checkpoint_inter
     ctx.stage("training", epochs=hp.epochs, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     progress_due, checkpoint_due = Throttle(PROGRESS_EVERY_S), Throttle(checkpoint_interval_s)
     autocast = autocast_for(device, hp.precision)
+    if device.type == "cuda":  # TF32 matmuls/convolutions for whatever stays float32 (Ampere and later)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model.train()
     while epoch < hp.epochs:
         order = epoch_order(hp.seed, n, epoch)

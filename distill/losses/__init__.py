@@ -10,11 +10,11 @@
     intermediate.py  hidden-state (cosine, mse) and attention (MiniLM KL) losses between layers
 """
 
-from .chunked import chunked_lm_loss, loss_chunk_rows, shifted
+from .chunked import LOSS_PATHS, LMLoss, chunked_lm_loss, lm_loss, loss_chunk_rows, shifted
 from .classic import distillation_loss, forward_kl
 from .registry import DIVERGENCES, LOSS_TYPES, get_divergence, register
 from .token import TAIL_EPS, TopKSignal, teacher_topk, token_divergence, token_kd_loss
 
 __all__ = ["LOSS_TYPES", "DIVERGENCES", "get_divergence", "register", "TopKSignal", "teacher_topk",
            "token_divergence", "token_kd_loss", "TAIL_EPS", "distillation_loss", "forward_kl", "chunked_lm_loss",
-           "loss_chunk_rows", "shifted"]
+           "loss_chunk_rows", "shifted", "lm_loss", "LMLoss", "LOSS_PATHS"]

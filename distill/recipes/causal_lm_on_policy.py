@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import MismatchError
 from ..hf import shared_vocab_size
-from ..losses import chunked_lm_loss, loss_chunk_rows, shifted, token_divergence
+from ..losses import lm_loss, loss_chunk_rows, shifted, token_divergence
 from ..sampling import Rollout, on_policy_batch, sample_completions
 from ..text_data import _bos_prefix, _special_ids, tokenize_for_lm
 from ._text import CausalLMBase, lm_metrics, load_splits, prompts_of, resolve_max_length, vocab_rows
@@ -121,9 +121,9 @@ class CausalLMOnPolicy(CausalLMBase, Recipe):
         states, targets = shifted(self.student.body(ids, mask), ids, select)  # (N, H), (N,)
         with torch.no_grad():
             teacher_side = (self.teacher.head, shifted(self.teacher.body(ids, mask), ids, select)[0])
-        kd, ce = chunked_lm_loss(self.student.head, states, targets, teacher_side, self.shared, spec.loss.type,
-                                 hp.temperature, spec.loss.beta, need_ce=hp.alpha < 1)
-        return (hp.alpha * hp.temperature**2 * kd + (1 - hp.alpha) * ce) / count, count
+        loss = lm_loss(self.student.head, states, targets, teacher_side, self.shared, spec.loss.type, hp.temperature,
+                       spec.loss.beta, hp.alpha * hp.temperature**2, 1 - hp.alpha).total
+        return loss / count, count
 
     # ---- validation and evaluation --------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import MismatchError
 from ..hf import shared_vocab_size
-from ..losses import chunked_lm_loss, shifted
+from ..losses import lm_loss, shifted
 from ..text_data import tokenize_for_lm
 from ._text import (CausalLMBase, check_kind, generate_completions, lm_metrics, load_splits, prompts_of,
                     resolve_max_length, vocab_rows)
@@ -67,8 +67,8 @@ class CausalLMSequence(CausalLMBase, Recipe):
         ids = self.tokens["input_ids"][indices].to(self.device)
         mask = self.tokens["attention_mask"][indices].to(self.device)
         states, targets = shifted(self.student.body(ids, mask), ids, select_cpu.to(self.device))
-        _, ce = chunked_lm_loss(self.student.head, states, targets, None, self.vocab, self.spec.loss.type,
-                                self.hp.temperature, self.spec.loss.beta)
+        ce = lm_loss(self.student.head, states, targets, None, self.vocab, self.spec.loss.type, self.hp.temperature,
+                     self.spec.loss.beta, 0.0, 1.0).total
         return ce / count, count
 
     def validate(self) -> dict:
