@@ -12,9 +12,10 @@ size, sequence length, steps, loss and optimizer:
                   driven by the engine's one training loop (``distill.loop.train``), on the
                   same prepared models and tokens: the recipe is built from a JobSpec and given
                   what its ``prepare()`` would have loaded from files (models, tokens, shared
-                  vocabulary), then the loop runs it. Models run to their last hidden states,
-                  and both output heads are applied ``loss_chunk_rows(V)`` positions at a time
-                  inside activation checkpoints (``chunked_lm_loss``): no (B, L, V) tensor.
+                  vocabulary), then the loop runs it. Models run to their last hidden states;
+                  the loss is the fused path of ``distill.losses.lm_loss`` (64–256 positions at
+                  a time, gradients computed in the forward pass): no (B, L, V) tensor. No
+                  teacher-signal store here, so the teacher runs on every batch (online).
   engine top-k    the same, with ``teacher_signal.top_k``: the recipe's own ``teacher_signal()``
                   runs the teacher once over the data before training (its time is shown
                   separately: a real job reuses it every epoch), the loss reads the stored top-k.

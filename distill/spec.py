@@ -81,6 +81,12 @@ class TeacherSignalSpec(SpecModel):
     top_k: StrictInt | None = Field(None, ge=1, le=1 << 20,
                                     description="Keep only the teacher's top-k per position (plus the tail mass); "
                                                 "the teacher then runs once, before training")
+    full_logits: Literal["auto", "cache", "online"] = Field(
+        "auto", description="Without top_k: 'cache' runs the teacher once and keeps its full-vocabulary logits "
+                            "(float16) in the teacher-signal store when they fit its byte budget, so later epochs "
+                            "and later jobs skip the teacher; 'online' runs the teacher on every batch; 'auto' "
+                            "caches on CPU workers (reading 2 bytes per vocabulary entry is cheaper there than the "
+                            "teacher) and runs online on GPUs (where it is the other way round)")
 
 
 class GenerationSpec(SpecModel):

@@ -16,14 +16,15 @@ import torch
 
 from ..errors import MismatchError
 from ..hf import shared_vocab_size
-from ..losses import TopKSignal, chunked_lm_loss, shifted, teacher_topk
+from ..losses import TopKSignal, lm_loss, shifted, teacher_topk
 from ..text_data import tokenize_for_lm
 from ._intermediate import WithIntermediate
 from ._text import CausalLMBase, LogitsHead, check_kind, lm_metrics, load_splits, resolve_max_length, vocab_rows
 from .base import Export, Recipe, register
 
 TEACHER_SIGNAL_MAX_BYTES = 2 << 30  # a precomputed top-k signal above this is refused, never silently dropped
-SIGNAL_POSITIONS_PER_PASS = 64  # teacher head applied to (b, 64, V) at a time while the signal is built
+SIGNAL_POSITIONS_PER_PASS = 64  # teacher head applied to (b, ≤ 64, V) at a time while a signal is built,
+SIGNAL_FLOATS_PER_PASS = 1 << 22  # and to at most ~16 MiB of float32 logits (fewer positions at large b·V)
 
 
 @torch.no_grad()
@@ -38,8 +39,9 @@ def precompute_topk(teacher: LogitsHead, tokens: dict, k: int, temperature: floa
     for start in range(0, n, batch_size):
         rows = slice(start, start + batch_size)
         hidden = teacher.body(tokens["input_ids"][rows].to(device), tokens["attention_mask"][rows].to(device))
-        for offset in range(0, hidden.shape[1], SIGNAL_POSITIONS_PER_PASS):
-            cols = slice(offset, offset + SIGNAL_POSITIONS_PER_PASS)
+        per_pass = max(1, min(SIGNAL_POSITIONS_PER_PASS, SIGNAL_FLOATS_PER_PASS // (hidden.shape[0] * shared)))
+        for offset in range(0, hidden.shape[1], per_pass):
+            cols = slice(offset, offset + per_pass)
             logits = teacher.head(hidden[:, cols])[..., :shared].float()
             signal = teacher_topk(logits, k, temperature)
             logprobs[rows, cols] = signal.logprobs.cpu()
@@ -68,6 +70,7 @@ class CausalLMToken(WithIntermediate, CausalLMBase, Recipe):
         self.setup_intermediate(self.tokens, student_base=self.student.split, teacher_base=self.teacher.split)
         self.before = lm_metrics(None, self.student, self.val_tokens, self.shared, self.device, hp.batch_size)
         self.signal = self.teacher_signal() if spec.teacher_signal.top_k is not None else None
+        self.full = self.full_signal() if spec.teacher_signal.top_k is None else None
         self.num_examples = self.tokens["input_ids"].shape[0]
 
     def teacher_signal(self) -> TopKSignal:
@@ -117,6 +120,54 @@ class CausalLMToken(WithIntermediate, CausalLMBase, Recipe):
         self.ctx.on_event("teacher_signal", event)
         return signal
 
+    def full_signal(self):
+        """The teacher's full-vocabulary logits from the teacher-signal store (float16), or None: the teacher
+        then runs on every batch ("online"). Used when ``teacher_signal.full_logits`` is "cache", or "auto"
+        on a CPU device (on a GPU the teacher's forward is cheaper than reading 2·V bytes per token), when
+        the store is on, no intermediate-layer loss needs the teacher's hidden states anyway, and the
+        logits fit the store's byte budget. On a miss the teacher runs once over the data, in slices of
+        rows small enough to keep about SIGNAL_FLOATS_PER_PASS logits live; the job then trains from the
+        stored float16 logits, exactly as a later job that hits does."""
+        mode, cache = self.spec.teacher_signal.full_logits, getattr(self.ctx, "teacher_cache", None)
+        wanted = mode == "cache" or (mode == "auto" and self.device.type == "cpu")
+        if not wanted or cache is None or not cache.enabled or self.intermediate is not None:
+            return None
+        n, length = self.tokens["input_ids"].shape
+        key, inputs = cache.key([(str(p), w) for p, w in self.spec.teacher_paths], self.tokens, None,
+                                self.hp.temperature, self.shared, str(next(self.teacher_model.parameters()).dtype))
+        event = {"full_vocabulary": True, "positions": n * length, "vocabulary": self.shared,
+                 "bytes_per_token": 2 * self.shared, "cache_key": key}
+        entry = cache.get_full(key)
+        if entry is None:
+            writer = cache.open_full(key, (n, length, self.shared), inputs)
+            if writer is None:  # bigger than the whole budget: the teacher runs online
+                self.ctx.on_event("teacher_signal", {**event, "cache": "too_big"})
+                return None
+            self.ctx.stage("teacher_inference", rows=n, full_vocabulary=True, cache="miss")
+            try:
+                self.write_full_logits(writer)
+                entry = writer.commit()
+            finally:
+                writer.abort()  # a no-op after commit; removes the partial file on an error or a stop
+            event["cache"] = "miss"
+        else:
+            self.ctx.stage("teacher_inference", rows=n, full_vocabulary=True, cache="hit")
+            event["cache"] = "hit"
+        self.ctx.on_event("teacher_signal", {**event, "cache_bytes": entry.nbytes})
+        return entry
+
+    @torch.no_grad()
+    def write_full_logits(self, writer) -> None:
+        n, length = self.tokens["input_ids"].shape
+        rows_per_pass = max(1, SIGNAL_FLOATS_PER_PASS // (length * self.shared))
+        for start in range(0, n, self.hp.batch_size):
+            rows = slice(start, start + self.hp.batch_size)
+            hidden = self.teacher.body(self.tokens["input_ids"][rows].to(self.device),
+                                       self.tokens["attention_mask"][rows].to(self.device))
+            for offset in range(0, hidden.shape[0], rows_per_pass):
+                writer.write(start + offset, self.teacher.head(hidden[offset:offset + rows_per_pass])[..., :self.shared])
+            self.ctx.check_stop("running the teacher")
+
     def batch_loss(self, indices: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         hp, spec, device = self.hp, self.spec, self.device
         select_cpu = self.tokens["loss_mask"][indices]
@@ -132,13 +183,14 @@ class CausalLMToken(WithIntermediate, CausalLMBase, Recipe):
         states, targets = shifted(student_hidden, ids, select)  # (N, H), (N,)
         if self.signal is not None:
             teacher_side = self.signal[indices][:, :-1][select_cpu[:, 1:]].to(device)
+        elif getattr(self, "full", None) is not None:  # float16 (N, V), upcast chunk by chunk in the loss
+            teacher_side = self.full.rows(indices)[:, :-1][select_cpu[:, 1:]].to(device)
         else:
             with torch.no_grad():
                 teacher_hidden = features[1].output if features else self.teacher.body(ids, mask)
                 teacher_side = (self.teacher.head, shifted(teacher_hidden, ids, select)[0])
-        kd, ce = chunked_lm_loss(self.student.head, states, targets, teacher_side, self.shared, spec.loss.type,
-                                 hp.temperature, spec.loss.beta, need_ce=hp.alpha < 1)
-        loss = (hp.alpha * hp.temperature**2 * kd + (1 - hp.alpha) * ce) / count
+        loss = lm_loss(self.student.head, states, targets, teacher_side, self.shared, spec.loss.type, hp.temperature,
+                       spec.loss.beta, hp.alpha * hp.temperature**2, 1 - hp.alpha).total / count
         if features:
             loss = loss + self.intermediate.loss(*features, mask)
         return loss, count
