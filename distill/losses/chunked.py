@@ -333,8 +333,15 @@ def _forward_kl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, tempe
     s = logits.to(_loss_dtype(logits))
     zero = s.new_zeros(())
     log_q = F.log_softmax(s if temperature == 1 else s / temperature, dim=-1)
-    g = None
-    kd = zero
+    ce, g_ce = zero, None
+    if need_ce:  # first: the top-k branch below spends log_q in place
+        log_sm = log_q if temperature == 1 else F.log_softmax(s, dim=-1)
+        picked = log_sm.gather(-1, targets.unsqueeze(-1))
+        ce = -picked.sum()
+        if ce_weight:
+            g_ce = log_sm.exp().mul_(ce_weight)
+            g_ce.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(picked, -ce_weight))
+    kd, g = zero, None
     if isinstance(teacher, TopKSignal):
         kd, g = _topk_forward_kl(log_q, teacher, kd_weight / temperature)
     elif teacher is not None:
@@ -343,16 +350,11 @@ def _forward_kl_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, tempe
         p = log_p.exp()
         kd = torch.dot(p.reshape(-1), log_p.sub_(log_q).reshape(-1))  # log_p is spent from here on
         scale = kd_weight / temperature
-        g = log_q.exp().mul_(p.sum(-1, keepdim=True) * scale).sub_(p, alpha=scale) if kd_weight else None
-    ce = zero
-    if need_ce:
-        log_sm = log_q if temperature == 1 else F.log_softmax(s, dim=-1)
-        picked = log_sm.gather(-1, targets.unsqueeze(-1))
-        ce = -picked.sum()
-        if ce_weight:
-            sm = log_sm.exp().mul_(ce_weight)
-            g = sm if g is None else g.add_(sm)
-            g.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(picked, -ce_weight))
+        g = log_q.exp_().mul_(p.sum(-1, keepdim=True) * scale).sub_(p, alpha=scale) if kd_weight else None
+    if g is None or not kd_weight:
+        g = g_ce
+    elif g_ce is not None:
+        g.add_(g_ce)
     if g is None:
         g = torch.zeros_like(s)
     return kd, ce, g
@@ -365,9 +367,9 @@ def _topk_forward_kl(log_q: torch.Tensor, teacher: TopKSignal, scale: float):
         KL = Σ_i p_i (log p_i − log q_{id_i}) + p_tail (log p_tail − log q_tail),  q_tail = Σ_{m ∉ top} q_m
         ∂KL/∂u_m = q_m (Σ_i p_i + p_tail·[q_tail ≥ ε]) − p_m·[m ∈ top] − [q_tail ≥ ε]·p_tail q_m [m ∉ top] / q_tail
 
-    (q_tail is clamped at TAIL_EPS as in token.py, where its gradient is then 0.) q_tail is the total minus
-    the top-k entries, summed in float64: the same float32 terms as a direct sum over the tail, without a
-    (c, V) copy."""
+    (q_tail is clamped at TAIL_EPS as in token.py, where its gradient is then 0.) q_tail is summed directly
+    over the tail entries, as token.py does (accurate for a small tail), by zeroing the top-k entries of q
+    in place: no (c, V) copy."""
     import math
 
     from .token import LOG_PROB_FLOOR, TAIL_EPS
@@ -380,14 +382,15 @@ def _topk_forward_kl(log_q: torch.Tensor, teacher: TopKSignal, scale: float):
     else:
         log_p_tail = (1.0 - p_top.sum(-1, keepdim=True)).clamp_min(TAIL_EPS).log()
     p_tail = log_p_tail.exp()
-    q = log_q.exp()
-    q_top = q.gather(-1, idx)
-    q_tail_raw = (q.sum(-1, keepdim=True, dtype=torch.float64) - q_top.sum(-1, keepdim=True, dtype=torch.float64))
-    q_tail_raw = q_tail_raw.to(log_q.dtype)
+    log_q_top = log_q.gather(-1, idx)
+    q_top = log_q_top.exp()
+    q = log_q.exp_().scatter_(-1, idx, 0.0)  # log_q is spent: q outside the top-k, 0 on it
+    q_tail_raw = q.sum(-1, keepdim=True)
     open_tail = (q_tail_raw >= TAIL_EPS).to(log_q.dtype)  # clamp_min passes the gradient at equality too
     q_tail = q_tail_raw.clamp_min(TAIL_EPS)
-    kd = (p_top * (log_p_top - log_q.gather(-1, idx))).sum() + (p_tail * (log_p_tail - q_tail.log())).sum()
+    kd = (p_top * (log_p_top - log_q_top)).sum() + (p_tail * (log_p_tail - q_tail.log())).sum()
     tail_factor = open_tail * p_tail / q_tail  # (c, 1)
-    g = q.mul_((p_top.sum(-1, keepdim=True) + p_tail * open_tail - tail_factor) * scale)
-    g.scatter_add_(-1, idx, (q_top * tail_factor - p_top) * scale)
+    coef = p_top.sum(-1, keepdim=True) + p_tail * open_tail
+    g = q.mul_((coef - tail_factor) * scale)  # the tail entries
+    g.scatter_(-1, idx, (q_top * coef - p_top) * scale)  # the top-k entries
     return kd, g
