@@ -66,6 +66,13 @@ class Settings(BaseSettings):
     database_idle_transaction_timeout_s: float | None = None
     """PostgreSQL: end a session idle inside a transaction this long. Workers set it to half the
     heartbeat timeout (a frozen worker must not hold its job's row lock past it); unset elsewhere."""
+    database_pool_size: int = 40
+    """Database connections each process keeps open once it has needed them (opened on demand, then reused): as
+    many as the API's thread pool (40 threads, each request holds at most one), so a busy API does not open
+    and close a connection per request (PostgreSQL forks a backend for each). Mind PostgreSQL's max_connections
+    (100 by default) x API processes."""
+    database_max_overflow: int = 10
+    """Connections a process may open past database_pool_size (closed again when returned)."""
     sse_keepalive_s: float = 15.0
     """An event stream sends a keep-alive comment after this long without events."""
     sse_max_seconds: float = 3600.0
@@ -88,8 +95,31 @@ class Settings(BaseSettings):
     default). One: a small model's forward on several threads spends more on waking them than it saves, badly so
     on a busy machine (an 8->16->3 MLP on 2 busy cores: 12 ms for 8 rows on 2 threads, 0.2 ms on one)."""
     max_predict_inputs: int = 10_000
+    auth_cache_s: float = 5.0
+    """Seconds an API process keeps a valid key's tenant in memory (0 = look it up on every request). A revoke
+    by the admin CLI or any process sharing the artifacts folder is seen at the next request (a marker file);
+    by a process on another machine with its own artifacts folder, within this long."""
+    served_model_cache_s: float = 5.0
+    """Seconds an API process keeps a (tenant, model id) -> model record answer for /predict (0 = off). A deleted
+    model is never served: each batch checks that its weights are still in storage."""
+    generate_max_batch: int = 32
+    """Completions: the sequences (prompts x n) of concurrent requests for one model are generated together, as one
+    batch of at most this many rows with one KV cache (1 = one sequence at a time)."""
+    generate_max_wait_ms: float = 5.0
+    """Completions: how long a batch waits for more sequences when it has fewer than generate_max_batch."""
+    generate_max_queue: int = 512
+    """Completions: sequences waiting for a batch in one API process; past it, 503 with Retry-After."""
+    generate_torch_threads: int | None = 1
+    """Completions: torch intra-op threads of the generation threads (unset: torch's default). One, as for /predict:
+    a small model's decode step on 2 busy cores took 10x longer on two threads than on one (threads waiting for
+    each other at every operation)."""
     tenant_max_running_jobs: int = 8
     """A tenant with this many queued + running jobs gets 429 on the next submit."""
+    submit_max_batch: int = 64
+    """Job submits of one tenant arriving together in one API process are written, counted against the quota and
+    committed as one transaction of at most this many (1 = one transaction per submit); nothing waits to fill one."""
+    submit_max_pending: int = 1024
+    """Checked submits waiting for their batch in one API process; past it, 503 with Retry-After."""
     tenant_max_storage_bytes: int = 50 * 1024 * MiB
     """An upload that would take a tenant's stored files (sum of their bytes) past this gets 413."""
     teacher_cache_bytes: int = 20 * 1024 * MiB

@@ -1,4 +1,10 @@
-"""Annotated dependency aliases for the routes."""
+"""Annotated dependency aliases for the routes.
+
+``current_tenant`` runs on every /v1 request, so it is async and cheap when it can be: a key this
+process found valid moments ago is answered from memory (``api_keys.tenant_of``); only a key it
+has not seen lately goes to the database, in a worker thread with a session of its own (the route's
+``SessionDep``, when it has one, is not opened for authentication).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from sqlalchemy.orm import Session
 from ..db import get_session
 from ..errors import Unauthorized
 from ..services import idempotency
-from ..services.api_keys import tenant_for_key
+from ..services.api_keys import tenant_of
 
 # auto_error=False: a missing or non-Bearer header comes through as None and gets our 401
 # (problem+json with WWW-Authenticate) rather than FastAPI's plain 403. Declaring the scheme
@@ -24,14 +30,13 @@ bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: B
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def current_tenant(session: SessionDep,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
+async def current_tenant(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> str:
     """The tenant of the request's API key. Missing, malformed, unknown and revoked keys are all
     the same 401: the answer tells nothing about which keys exist."""
     if credentials is None:
         raise Unauthorized("this request needs an API key: send 'Authorization: Bearer <key>'",
                            param="Authorization", headers={"WWW-Authenticate": 'Bearer realm="distill"'})
-    tenant = tenant_for_key(session, credentials.credentials)
+    tenant = await tenant_of(credentials.credentials)
     if tenant is None:
         raise Unauthorized("the API key is invalid or has been revoked", param="Authorization",
                            headers={"WWW-Authenticate": 'Bearer realm="distill", error="invalid_token"'})

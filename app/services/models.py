@@ -1,9 +1,19 @@
-"""Finished models: records, downloads and in-memory serving (predict, completions)."""
+"""Finished models: records, downloads and in-memory serving (predict, completions).
+
+The /predict hot path (issue 9) touches the database only on a miss: :func:`served_model` answers a
+(tenant, model id) this process looked up within ``DISTILL_SERVED_MODEL_CACHE_S`` seconds from memory
+(:func:`lookup_served` otherwise, in a worker thread), the loaded model comes from :class:`ModelCache`,
+and concurrent requests share one forward (:class:`~.batching.MicroBatcher`). A deleted model is never
+served from either cache: deleting it in this process drops both at once (:meth:`ModelCache.discard`),
+and every batch first checks that the model's weights are still in storage, which a delete by any
+other process removes before it commits.
+"""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +32,10 @@ from ..config import get_settings
 from ..errors import NotFound, Unprocessable
 from ..storage import get_storage
 from ..tables import ModelRecord
+from ..db import session_scope
 from .batching import MicroBatcher
 from .common import is_id, paginate, shown_id
+from .hot_cache import TtlCache
 from .references import model_path
 
 
@@ -76,11 +88,16 @@ class ModelCache:
     """Loaded models by id, least recently used evicted first, bounded by their bytes (weights and
     buffers) and by count; thread-safe. The entry just loaded is kept even when it alone is over the
     byte budget. Each entry carries a lock so one model serves one request at a time (generation is
-    stateful). Ids discarded (deleted models) are remembered so queued predictions get 404."""
+    stateful). Ids discarded (deleted models) are remembered so queued predictions get 404.
+
+    ``present(record)``, when given, is asked on a hit by ``get(record, verify=True)`` (/predict, whose
+    record may come from a cache): False (the weights are gone from storage: the model was deleted,
+    perhaps by another process) discards the entry and raises FileNotFoundError, as a load of a missing
+    model does."""
 
     def __init__(self, capacity: int, loader: Callable[[ModelRecord], Any], capacity_bytes: int | None = None,
-                 sizer: Callable[[Any], int] | None = None):
-        self.capacity, self.loader = capacity, loader
+                 sizer: Callable[[Any], int] | None = None, present: Callable[[ModelRecord], bool] | None = None):
+        self.capacity, self.loader, self.present = capacity, loader, present
         self.capacity_bytes, self.sizer = capacity_bytes, sizer or loaded_bytes
         self._entries: OrderedDict[str, tuple[Any, threading.Lock]] = OrderedDict()
         self._sizes: dict[str, int] = {}
@@ -96,12 +113,17 @@ class ModelCache:
         with self._lock:
             return list(self._entries)
 
-    def get(self, record: ModelRecord) -> tuple[Any, threading.Lock]:
+    def get(self, record: ModelRecord, verify: bool = False) -> tuple[Any, threading.Lock]:
         key = f"{record.id}:{record.sha256}"
         with self._lock:
-            if key in self._entries:
+            entry = self._entries.get(key)
+            if entry is not None:
                 self._entries.move_to_end(key)
-                return self._entries[key]
+        if entry is not None:
+            if verify and self.present is not None and not self.present(record):
+                self.discard(record.id)
+                raise FileNotFoundError(f"model {record.id} is no longer in storage")
+            return entry
         loaded = self.loader(record)
         size = self.sizer(loaded)
         entry = (loaded, threading.Lock())
@@ -118,7 +140,8 @@ class ModelCache:
         return entry
 
     def discard(self, model_id: str) -> None:
-        """Drop a deleted model's loaded copy now rather than when it is least recently used."""
+        """Drop a deleted model's loaded copy now rather than when it is least recently used (and this
+        process's cached record of it, under any tenant)."""
         with self._lock:
             for key in [k for k in self._entries if k.split(":", 1)[0] == model_id]:
                 del self._entries[key]
@@ -126,6 +149,7 @@ class ModelCache:
             self._discarded[model_id] = None
             while len(self._discarded) > 4096:
                 self._discarded.popitem(last=False)
+        served_cache().discard(lambda key: key[1] == model_id)
 
     def discarded(self, model_id: str) -> bool:
         with self._lock:
@@ -145,16 +169,36 @@ def _load(record: ModelRecord):
     return get_kind(record.kind).load(model_path(record), resolve_device(get_settings().inference_device), record.task)
 
 
+@lru_cache(maxsize=4096)
+def _stored_path(storage: Any, model_id: str, kind: str, storage_key: str) -> Path:
+    return model_path(Served(model_id, "", kind, None, storage_key))  # resolving it walks the folders: once
+
+
+def _in_storage(record: ModelRecord) -> bool:
+    """Whether the model's weights are still in storage (one stat() per batch)."""
+    return _stored_path(get_storage(), record.id, record.kind, record.storage_key).exists()
+
+
 _cache: ModelCache | None = None
 _batcher: MicroBatcher | None = None
+_served: tuple[Any, TtlCache] | None = None
 
 
 def model_cache() -> ModelCache:
     global _cache
     if _cache is None:
         settings = get_settings()
-        _cache = ModelCache(settings.model_cache_size, _load, settings.model_cache_bytes)
+        _cache = ModelCache(settings.model_cache_size, _load, settings.model_cache_bytes, present=_in_storage)
     return _cache
+
+
+def served_cache() -> TtlCache:
+    """(tenant, model id) -> :class:`Served`, made anew when the settings are (tests reload them)."""
+    global _served
+    settings = get_settings()
+    if _served is None or _served[0] is not settings:
+        _served = (settings, TtlCache(settings.served_model_cache_s))
+    return _served[1]
 
 
 def predict_batcher() -> MicroBatcher:
@@ -212,8 +256,8 @@ def run_batch(record: ModelRecord, requests: list[list]) -> list[list[dict] | Ex
     if cache.discarded(record.id):
         return [NotFound(f"no model with id {record.id}", param="model_id")] * len(requests)
     try:
-        loaded, lock = cache.get(record)
-    except FileNotFoundError:  # deleted while the request waited
+        loaded, lock = cache.get(record, verify=True)
+    except FileNotFoundError:  # deleted while the request waited, or by another process
         return [NotFound(f"no model with id {record.id}", param="model_id")] * len(requests)
     kind = get_kind(record.kind)
     with lock:
@@ -253,6 +297,22 @@ class Served:
     @classmethod
     def of(cls, record: ModelRecord) -> "Served":
         return cls(record.id, record.sha256, record.kind, record.task, record.storage_key)
+
+
+def served_model(tenant: str, model_id: str) -> Served | None:
+    """The tenant's model as this process found it within the cache's TTL; None: look it up."""
+    return served_cache().get((tenant, model_id))
+
+
+def lookup_served(tenant: str, model_id: str) -> Served:
+    """The tenant's model (404 if it has none by that id) from the database, in a session of its own
+    (blocking: call it from a worker thread), and kept in the cache."""
+    cache = served_cache()
+    generation = cache.generation()
+    with session_scope() as session:
+        served = Served.of(get_model(session, tenant, model_id))
+    cache.put((tenant, model_id), served, generation=generation)
+    return served
 
 
 async def predict_async(record: ModelRecord | Served, inputs: list) -> list[dict]:
