@@ -1,15 +1,21 @@
 """Engine and sessions. Created on first use, never at import; the schema is made by
-``alembic upgrade head`` as its own step."""
+``alembic upgrade head`` as its own step.
+
+The pool keeps as many connections open as the API's thread pool can use at once (each request
+holds at most one): under load, opening and closing a connection per request (PostgreSQL forks a
+backend for each) costs more than the request itself."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from .config import get_settings
 
@@ -25,7 +31,8 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
-def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> Engine:
+def make_engine(url: str, idle_transaction_timeout_s: float | None = None, pool_size: int = 40,
+                max_overflow: int = 10) -> Engine:
     if url.startswith("sqlite"):
         database = url.split("///", 1)[-1]
         if database and database != ":memory:":
@@ -38,13 +45,17 @@ def make_engine(url: str, idle_transaction_timeout_s: float | None = None) -> En
         # A process frozen inside a transaction (paused, swapped out) holds its row locks; the
         # server ends such a session after this, so the reconciler can hand the job on.
         connect_args["options"] = f"-c idle_in_transaction_session_timeout={int(idle_transaction_timeout_s * 1000)}"
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    # One request holds one connection (idempotency claims run on the request's session), so a pool as
+    # large as the API's thread pool never makes a request wait for a connection its peers hold.
+    return create_engine(url, pool_pre_ping=True, pool_size=pool_size, max_overflow=max_overflow,
+                         connect_args=connect_args)
 
 
 @lru_cache
 def get_engine() -> Engine:
     settings = get_settings()
-    return make_engine(settings.database_url, settings.database_idle_transaction_timeout_s)
+    return make_engine(settings.database_url, settings.database_idle_transaction_timeout_s,
+                       settings.database_pool_size, settings.database_max_overflow)
 
 
 @lru_cache
@@ -66,7 +77,36 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
-def get_session() -> Iterator[Session]:
-    """FastAPI dependency: one session per request."""
-    with session_scope() as session:
+async def get_session() -> AsyncIterator[Session]:
+    """FastAPI dependency: one session per request, committed when the route returns (rolled back if
+    it raises). Async, so that opening it costs no trip through the thread pool (a session opens no
+    connection until it is first used); the commit, which talks to the database, runs in a worker
+    thread, and only if the route left a transaction open: a route that ended its own (a read that
+    closed its session, a submit that committed in its batch) costs no thread hop at the end either."""
+    session = _session_factory()()
+    try:
         yield session
+    except Exception:
+        if session.in_transaction():
+            await run_in_threadpool(_end, session, False)
+        raise
+    except BaseException:  # cancelled: don't wait here; the thread pool rolls back and closes
+        asyncio.get_running_loop().run_in_executor(None, _end, session, False)
+        raise
+    if session.in_transaction() or session.new or session.dirty or session.deleted:
+        await run_in_threadpool(_end, session, True)
+    else:
+        session.close()  # holds no connection: no I/O
+
+
+def _end(session: Session, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

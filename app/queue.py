@@ -8,6 +8,11 @@ messages are files under ``var/broker``: nothing to install, durable across rest
 of the API and worker, and safe across processes on one machine (it locks each
 message file). It is the honest single-machine stand-in for Redis; for workers on
 several machines point ``DISTILL_BROKER_URL`` at Redis.
+
+Publishing (the API's submits, the worker's re-sends) goes through one Celery app per process
+and its producer pool: broker connections are pooled (``broker_pool_limit``) and reused, never
+opened per message. :func:`enqueue_jobs` publishes a batch of submits on one producer. It is
+blocking I/O: callers run it in a worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from celery import Celery
 
 from .config import Settings, get_settings
 
-__all__ = ["celery_config", "make_celery", "enqueue_job", "RUN_JOB_TASK"]
+__all__ = ["celery_config", "make_celery", "enqueue_job", "enqueue_jobs", "RUN_JOB_TASK"]
 
 RUN_JOB_TASK = "distill.run_job"
 
@@ -73,3 +78,21 @@ def _publisher() -> Celery:
 
 def enqueue_job(job_id: str) -> None:
     _publisher().send_task(RUN_JOB_TASK, args=[job_id], queue=get_settings().queue)
+
+
+def enqueue_jobs(job_ids: list[str]) -> dict[str, Exception]:
+    """Publish one message per job on one pooled producer; {job id: error} for those that failed."""
+    celery, queue, failed = _publisher(), get_settings().queue, {}
+    try:
+        with celery.producer_or_acquire() as producer:
+            for job_id in job_ids:
+                if failed:  # the broker refused one (after its retries): don't wait on it again for each
+                    failed[job_id] = next(iter(failed.values()))
+                    continue
+                try:
+                    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, producer=producer)
+                except Exception as exc:  # noqa: BLE001 - each job hears of its own failure
+                    failed[job_id] = exc
+    except Exception as exc:  # noqa: BLE001 - no producer (the broker is down): every job failed
+        return {job_id: failed.get(job_id, exc) for job_id in job_ids}
+    return failed

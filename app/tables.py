@@ -9,7 +9,7 @@ from __future__ import annotations
 import secrets
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = ["Base", "FileRecord", "Job", "JobEvent", "ModelRecord", "ApiKey", "IdempotencyKey", "new_id", "utcnow",
@@ -47,6 +47,11 @@ class FileRecord(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (  # migration 0006: the API's hot reads (queue position, quota count, listing)
+        Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),
+        Index("ix_jobs_tenant_id_status", "tenant_id", "status"),
+        Index("ix_jobs_tenant_id_created_at_id", "tenant_id", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(64), index=True, default=DEFAULT_TENANT)
@@ -71,6 +76,7 @@ class JobEvent(Base):
     """Events are rows in order (by id): polling, streaming and webhooks read the same rows."""
 
     __tablename__ = "job_events"
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)  # migration 0006: events after a cursor
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

@@ -3,11 +3,14 @@ with Stripe's semantics. A key belongs to a tenant and is bound to the first req
 with (sha256 of method, path and body; an upload hashes its file's bytes and form fields).
 
 - First use: a row "in flight" (``status_code`` null) is inserted and committed at once, in a
-  transaction of its own. The unique (tenant, key) makes a concurrent duplicate lose that
+  transaction of its own (on the request's session: one pooled connection per request). The unique (tenant, key) makes a concurrent duplicate lose that
   insert: it answers 409 (``Retry-After: 1``) and creates nothing.
 - The request runs. Its 2xx response is written into the row in the request's own
-  transaction, so the created object and the recorded response commit together.
-- It fails (any error): the row is deleted, so the key may be retried; nothing was created.
+  transaction, so the created object and the recorded response commit together (a job's
+  submit: :func:`claim`, then the jobs' batch writes the job and :func:`record`\ s its response).
+- It fails (any error): the row is deleted, so the key may be retried; nothing was created
+  (or, when the job's publish failed after the commit, the job was marked failed: a retry with
+  the same key submits it anew).
 - Again within 24 h with the same request: the recorded response is replayed (same status,
   same body, same id) with ``Idempotent-Replayed: true``; with another request: 422 naming
   ``Idempotency-Key``. After 24 h the key is forgotten.
@@ -19,21 +22,21 @@ answering 409 is safe, guessing that it died could create a second object.
 from __future__ import annotations
 
 import hashlib
+import time
 from datetime import timedelta
 from typing import BinaryIO, Callable
 
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from ..db import session_scope
 from ..errors import Unprocessable
 from ..errors import InFlight
 from ..tables import IdempotencyKey, utcnow
 
-__all__ = ["HEADER", "TTL", "request_sha256", "upload_sha256", "run"]
+__all__ = ["HEADER", "TTL", "request_sha256", "upload_sha256", "run", "claim", "record", "forget"]
 
 HEADER = "Idempotency-Key"
 TTL = timedelta(hours=24)
@@ -59,23 +62,48 @@ def upload_sha256(path: str, source: BinaryIO, **fields: str) -> str:
     return request_sha256("POST", path, digest.digest())
 
 
-def _claim(tenant: str, key: str, fingerprint: str) -> IdempotencyKey | None:
-    """None when the key is now ours (an in-flight row is committed); else the key's earlier row."""
+def _claim_row(session: Session, tenant: str, key: str, fingerprint: str) -> IdempotencyKey | None:
+    """None when the key is now ours (an in-flight row is committed); else the key's earlier row.
+
+    On the request's own session (one pooled connection per request: a second session here, while
+    the request's holds a connection, could wait forever on a pool its peers have emptied). An
+    expired row of the same key is deleted when the insert meets it; other expired rows are swept
+    at most once a minute per process (:func:`_sweep_expired`), not on every create."""
+    _sweep_expired(session, tenant)
     for _ in range(3):  # the earlier row may be deleted (its request failed) between our insert and our read
         try:
-            with session_scope() as session:
-                session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant,
-                                                             IdempotencyKey.created_at < utcnow() - TTL))
-                session.add(IdempotencyKey(tenant_id=tenant, key=key, request_sha256=fingerprint, created_at=utcnow()))
+            session.add(IdempotencyKey(tenant_id=tenant, key=key, request_sha256=fingerprint, created_at=utcnow()))
+            session.commit()
             return None
         except IntegrityError:
-            pass
-        with session_scope() as session:
-            row = session.scalar(select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant,
-                                                              IdempotencyKey.key == key))
+            session.rollback()
+        expired = session.execute(delete(IdempotencyKey).where(
+            IdempotencyKey.tenant_id == tenant, IdempotencyKey.key == key, IdempotencyKey.created_at < utcnow() - TTL))
+        session.commit()
+        if expired.rowcount:
+            continue
+        row = session.scalar(select(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant,
+                                                          IdempotencyKey.key == key))
+        session.rollback()  # end the read's transaction: the request goes on in a fresh one
         if row is not None:
             return row
     return IdempotencyKey(tenant_id=tenant, key=key, request_sha256=fingerprint, status_code=None)
+
+
+_SWEEP_EVERY_S = 60.0
+_last_sweep: dict[str, float] = {}
+
+
+def _sweep_expired(session: Session, tenant: str) -> None:
+    """Delete the tenant's keys older than :data:`TTL`, at most once a minute per process (an index range
+    on ``created_at``); a commit of its own, before the claim."""
+    now = time.monotonic()
+    if now - _last_sweep.get(tenant, -_SWEEP_EVERY_S) < _SWEEP_EVERY_S:
+        return
+    _last_sweep[tenant] = now
+    session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant,
+                                                 IdempotencyKey.created_at < utcnow() - TTL))
+    session.commit()
 
 
 def _answer_earlier(row: IdempotencyKey, key: str, fingerprint: str) -> JSONResponse:
@@ -88,10 +116,31 @@ def _answer_earlier(row: IdempotencyKey, key: str, fingerprint: str) -> JSONResp
     return JSONResponse(row.response_body, status_code=row.status_code, headers={"Idempotent-Replayed": "true"})
 
 
-def _forget(tenant: str, key: str) -> None:
-    with session_scope() as session:
-        session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant, IdempotencyKey.key == key,
-                                                     IdempotencyKey.status_code.is_(None)))
+def claim(session: Session, tenant: str, key: str, fingerprint: str) -> JSONResponse | None:
+    """None when the key is now this request's (its in-flight row committed); else the earlier
+    request's recorded response to replay (409 while it is in flight, 422 for another request)."""
+    earlier = _claim_row(session, tenant, key, fingerprint)
+    return None if earlier is None else _answer_earlier(earlier, key, fingerprint)
+
+
+def record(session: Session, tenant: str, responses: list[tuple[str, int, dict]]) -> None:
+    """Write (key, status code, body) responses into their in-flight rows, in ``session``'s transaction
+    (with the objects they created); one statement for them all."""
+    if not responses:
+        return
+    table = IdempotencyKey.__table__
+    session.connection().execute(
+        update(table).where(table.c.tenant_id == bindparam("b_tenant"), table.c.key == bindparam("b_key"))
+        .values(status_code=bindparam("b_status"), response_body=bindparam("b_body")),
+        [{"b_tenant": tenant, "b_key": key, "b_status": status, "b_body": body} for key, status, body in responses])
+
+
+def forget(session: Session, tenant: str, key: str) -> None:
+    """Free the key after the request failed: its row goes, recorded or not (a response recorded and
+    committed before a later step failed, e.g. the job's publish, is not what the client was told)."""
+    session.rollback()  # whatever the request wrote and did not commit goes first
+    session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant, IdempotencyKey.key == key))
+    session.commit()
 
 
 def run(session: Session, tenant: str, key: str | None, fingerprint: str, status_code: int,
@@ -100,15 +149,13 @@ def run(session: Session, tenant: str, key: str | None, fingerprint: str, status
     ``session``; later the recorded response is replayed. Without a key it just runs."""
     if key is None:
         return create()
-    earlier = _claim(tenant, key, fingerprint)
+    earlier = claim(session, tenant, key, fingerprint)
     if earlier is not None:
-        return _answer_earlier(earlier, key, fingerprint)
+        return earlier
     try:
         result = create()
-        session.execute(update(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant, IdempotencyKey.key == key)
-                        .values(status_code=status_code, response_body=result.model_dump(mode="json")))
+        record(session, tenant, [(key, status_code, result.model_dump(mode="json"))])
     except BaseException:
-        session.rollback()  # whatever the request wrote goes, then the key is free again
-        _forget(tenant, key)
+        forget(session, tenant, key)
         raise
     return result

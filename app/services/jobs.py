@@ -1,15 +1,28 @@
 """Distillation jobs: submission (checked against the referenced files), cancellation,
 events, and the state transitions a worker makes. Every transition that can race
-(cancel vs. claim) is a conditional UPDATE, so the database stays the one truth."""
+(cancel vs. claim) is a conditional UPDATE, so the database stays the one truth.
+
+A submit is one transaction and one broker publish (issue 9: the create path at 64 clients).
+A tenant's submits must be counted one after another against its job quota (under a lock held
+until the commit), and a commit waits for the disk: one commit per submit would cap a tenant at a
+few hundred submits a second on a good disk and far fewer on a busy machine, and have every
+request wait in line. So a submit is checked in the request (:func:`prepare_job`: the files it
+names read in one query) and then joins its tenant's next batch (:func:`submit_job`, the micro-
+batcher of ``services.batching``, per process, no added wait): one transaction inserts the
+batch's jobs and first events under the quota lock, reads their queue positions, records their
+idempotent responses, commits once, and publishes each job once on one pooled producer. A job's
+place in the queue is a count over the index on (status, created_at, id) (migration 0006), read
+with the job itself in one query on a GET."""
 
 from __future__ import annotations
 
 import logging
-
+from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 
-from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ScalarSelect, bindparam, case, func, select, tuple_, update
+from sqlalchemy.orm import Session, aliased
 
 from distill.errors import DistillError, SpecError
 from distill.hf import (CONTEXT_FIELDS, LAYER_COUNT_FIELDS, load_tokenizer, shared_vocab_size,
@@ -20,12 +33,14 @@ from distill.text_data import DEFAULT_MAX_LENGTH
 
 from ..config import get_settings
 from ..errors import Conflict, NotFound, Unavailable, Unprocessable
-from ..queue import enqueue_job
-from ..schemas import JobCreate
+from ..db import session_scope
+from ..queue import enqueue_jobs
+from ..schemas import JobCreate, JobPublic
 from ..tables import Job, JobEvent, new_id, utcnow
-from . import webhooks
-from .common import paginate
-from .references import ModelRef, resolve_dataset, resolve_model
+from . import idempotency, quotas, webhooks
+from .batching import MicroBatcher
+from .common import job_public, paginate
+from .references import ModelRef, prefetch_files, resolve_dataset, resolve_model
 
 log = logging.getLogger(__name__)
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -279,8 +294,15 @@ def _resolve_teachers(session: Session, tenant: str, body: JobCreate) -> ModelRe
     return first
 
 
+def _referenced_file_ids(body: JobCreate) -> list[str]:
+    teachers = [body.teacher] if body.teacher is not None else list(body.teachers or ())
+    models = [t.file_id for t in teachers] + [body.student.file_id]
+    return [i for i in models + [body.training_file, body.validation_file] if i]
+
+
 def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
     """The checks the files' metadata allows at submit time; the worker checks the data itself."""
+    prefetch_files(session, tenant, _referenced_file_ids(body))  # one query; the resolves below read the session
     teacher = _resolve_teachers(session, tenant, body)
     if body.task == "classification":
         _check_tabular(session, tenant, body, teacher)
@@ -292,26 +314,87 @@ def add_event(session: Session, job_id: str, type: str, message: str = "", data:
     session.add(JobEvent(job_id=job_id, type=type, message=message, data=data or {}))
 
 
-def create_job(session: Session, tenant: str, body: JobCreate) -> Job:
+def prepare_job(session: Session, tenant: str, body: JobCreate) -> Job:
+    """Check the spec against its files and build the job (not added to any session). The check only
+    reads: its transaction ends here, so the connection goes back to the pool while the job waits
+    for its batch (:func:`submit_job`)."""
     check_submission(session, tenant, body)
-    # heartbeat_at of a queued job = when it was published; the reconciler re-sends a lost message.
-    job = Job(id=new_id("job"), tenant_id=tenant, status="queued", spec=body.model_dump(mode="json"),
-              progress={"epoch": 0, "step": 0, "total_steps": 0}, metrics={}, heartbeat_at=utcnow())
-    session.add(job)
-    add_event(session, job.id, "stage", "job queued", {"stage": "queued"})
-    session.commit()  # the worker must see the row before it sees the message
-    try:
-        enqueue_job(job.id)
-    except Exception as exc:  # broker down: say so now rather than leave a job nobody will run
-        log.exception("could not enqueue %s", job.id)
-        error = {"code": "queue_unavailable", "message": str(exc), "param": None}
-        session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(
+    session.rollback()
+    return Job(id=new_id("job"), tenant_id=tenant, status="queued", spec=body.model_dump(mode="json"),
+               progress={"epoch": 0, "step": 0, "total_steps": 0}, metrics={}, result_files=[], attempts=0,
+               cancel_requested=False)
+
+
+@dataclass
+class _Submit:
+    job: Job
+    idempotency_key: str | None
+
+
+_batcher: MicroBatcher | None = None
+
+
+def _submit_batcher() -> MicroBatcher:
+    global _batcher
+    if _batcher is None:
+        settings = get_settings()
+        # No waiting for company: a batch is whatever queued while the previous one committed.
+        _batcher = MicroBatcher(max_batch=settings.submit_max_batch, max_wait_s=0.0,
+                                max_pending=settings.submit_max_pending, threads=2)
+    return _batcher
+
+
+async def submit_job(job: Job, idempotency_key: str | None) -> JobPublic:
+    """Queue a prepared job: it joins its tenant's next batch (:func:`_admit`), which inserts it,
+    counts it against the tenant's quota (429), records its idempotent response, commits and
+    publishes it. Returns its public form with its place in the queue."""
+    return await _submit_batcher().submit(job.tenant_id, [_Submit(job, idempotency_key)], _admit)
+
+
+def _admit(batch: list[list[_Submit]]) -> list[JobPublic | Exception]:
+    """One tenant's concurrent submits, in arrival order, as one transaction: under the tenant's
+    quota lock, as many as the quota has room for are inserted with their first event, their queue
+    positions read and their idempotent responses recorded; one commit; then one publish each on
+    one producer. The rest get 429; a job whose publish failed is marked failed (503)."""
+    submits = [rows[0] for rows in batch]
+    tenant, now = submits[0].job.tenant_id, utcnow()
+    results: dict[str, JobPublic | Exception] = {}
+    with session_scope() as session:
+        active = quotas.lock_and_count_running_jobs(session, tenant)
+        room = max(0, get_settings().tenant_max_running_jobs - active)
+        admitted = submits[:room]
+        for submit in submits[room:]:
+            results[submit.job.id] = quotas.too_many_running_jobs(active + len(admitted))
+        for i, submit in enumerate(admitted):
+            # distinct, increasing times: the batch's order is its order in the queue
+            submit.job.created_at = submit.job.heartbeat_at = now + timedelta(microseconds=i)
+            session.add(submit.job)  # heartbeat_at of a queued job = when it was published (the reconciler re-sends)
+        session.flush()
+        for submit in admitted:
+            add_event(session, submit.job.id, "stage", "job queued", {"stage": "queued"})
+        # the batch is the queue's tail, in order: one count for its first job
+        first = session.scalar(select(_position_of(admitted[0].job))) if admitted else 0
+        for i, submit in enumerate(admitted):
+            results[submit.job.id] = job_public(submit.job, first + i)
+        idempotency.record(session, tenant, [(submit.idempotency_key, 201, results[submit.job.id].model_dump(mode="json"))
+                                             for submit in admitted if submit.idempotency_key is not None])
+    # committed: the worker must see the row before it sees the message
+    failed = enqueue_jobs([submit.job.id for submit in admitted]) if admitted else {}
+    for job_id, exc in failed.items():
+        results[job_id] = _publish_failed(job_id, exc)
+    return [results[submit.job.id] for submit in submits]
+
+
+def _publish_failed(job_id: str, exc: Exception) -> Unavailable:
+    """The broker refused the job's message: say so now rather than leave a job nobody will run."""
+    log.error("could not enqueue %s: %s", job_id, exc)
+    error = {"code": "queue_unavailable", "message": str(exc), "param": None}
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
             status="failed", finished_at=utcnow(), error=error))
-        add_event(session, job.id, "stage", f"job failed: {exc}", {"stage": "failed", "error": error})
-        webhooks.job_changed(session, job.id)
-        session.commit()
-        raise Unavailable(f"the job queue is unavailable ({exc}); job {job.id} was marked failed") from None
-    return job
+        add_event(session, job_id, "stage", f"job failed: {exc}", {"stage": "failed", "error": error})
+        webhooks.job_changed(session, job_id)
+    return Unavailable(f"the job queue is unavailable ({exc}); job {job_id} was marked failed")
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -370,17 +453,41 @@ def list_events(session: Session, tenant: str, job_id: str, after: int | None, l
     return list(rows[:limit]), len(rows) > limit
 
 
-def queue_positions(session: Session, job_ids: list[str]) -> dict[str, int]:
-    """{job id: place in the queue} for those of ``job_ids`` that are queued; 1 = next to run.
+_QUEUED = aliased(Job, name="queued")
 
-    One FIFO across all tenants, by ``created_at`` (then id): the workers take jobs off one broker
-    queue in the order they were published, whoever submitted them, so a job's place counts
-    every queued job ahead of it (other tenants' too; only their number is shown). A job handed
-    back by a lost worker keeps its place by creation time (an approximation: the broker may
-    hand it out later)."""
+
+def _position_of(job) -> ScalarSelect[int]:
+    """The place in the queue of ``job`` (the Job table, or a loaded Job): how many queued jobs were
+    created before it or with it, itself included. One FIFO across all tenants, by ``created_at``
+    then id: the workers take jobs off one broker queue in the order they were published, whoever
+    submitted them, so a job's place counts every queued job ahead of it (other tenants' too; only
+    their number is shown). A job handed back by a lost worker keeps its place by creation time (an
+    approximation: the broker may hand it out later). An index range count on (status, created_at, id)."""
+    return select(func.count()).select_from(_QUEUED).where(
+        _QUEUED.status == "queued", tuple_(_QUEUED.created_at, _QUEUED.id) <= tuple_(job.created_at, job.id)
+    ).scalar_subquery()
+
+
+@lru_cache
+def _job_with_position():
+    """SELECT the job and, while it is queued, its place: built once (building the correlated subquery
+    costs more Python than running it), parameters bound per call."""
+    position = case((Job.status == "queued", _position_of(Job)), else_=None)
+    return select(Job, position).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant"))
+
+
+def get_job_with_position(session: Session, tenant: str, job_id: str) -> tuple[Job, int | None]:
+    """The job and, while it is queued, its place in the queue: one query."""
+    row = session.execute(_job_with_position(), {"job_id": job_id, "tenant": tenant}).first()
+    if row is None:
+        raise NotFound(f"no distillation job with id {job_id!r}", param="job_id")
+    return row[0], row[1]
+
+
+def queue_positions(session: Session, job_ids: list[str]) -> dict[str, int]:
+    """{job id: place in the queue} for those of ``job_ids`` that are queued; 1 = next to run
+    (see :func:`_position_of`): one query, one index range count per queued job."""
     if not job_ids:
         return {}
-    ranked = select(Job.id.label("id"), func.row_number().over(order_by=(Job.created_at, Job.id)).label("position")) \
-        .where(Job.status == "queued").subquery()
-    rows = session.execute(select(ranked.c.id, ranked.c.position).where(ranked.c.id.in_(job_ids))).all()
+    rows = session.execute(select(Job.id, _position_of(Job)).where(Job.id.in_(job_ids), Job.status == "queued")).all()
     return {job_id: int(position) for job_id, position in rows}

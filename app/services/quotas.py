@@ -18,30 +18,61 @@ from ..errors import PayloadTooLarge
 from ..errors import TooManyRequests
 from ..tables import FileRecord, Job
 
-__all__ = ["check_running_jobs", "check_storage", "stored_bytes"]
+__all__ = ["check_running_jobs", "lock_and_count_running_jobs", "too_many_running_jobs", "check_storage",
+           "stored_bytes"]
 
 ACTIVE = ("queued", "running")
 JOBS_RETRY_AFTER_S = 30  # jobs run for minutes: a client that waits this long and retries is not hammering
 
 
+def _lock_key(tenant: str, resource: str) -> int:
+    digest = hashlib.sha256(f"{resource}:{tenant}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def _lock_tenant(session: Session, tenant: str, resource: str) -> None:
     if session.get_bind().dialect.name == "postgresql":
-        digest = hashlib.sha256(f"{resource}:{tenant}".encode()).digest()
-        session.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest[:8], "big", signed=True))))
+        session.execute(select(func.pg_advisory_xact_lock(_lock_key(tenant, resource))))
+
+
+def _active_jobs(session: Session, tenant: str, cap: int | None = None) -> int:
+    """The tenant's queued + running jobs, counted up to ``cap`` (an index range on (tenant_id, status),
+    cut off once the answer is known)."""
+    active = select(Job.id).where(Job.tenant_id == tenant, Job.status.in_(ACTIVE))
+    if cap is not None:
+        active = active.limit(cap)
+    return session.scalar(select(func.count()).select_from(active.subquery()))
+
+
+def lock_and_count_running_jobs(session: Session, tenant: str) -> int:
+    """Take the tenant's job-quota lock (held until the transaction ends) and count its queued +
+    running jobs, up to the limit. On PostgreSQL one round trip: the lock and the count go as one
+    simple query of two statements; the count, a statement of its own, reads a snapshot taken after
+    the lock was granted, so it sees every job committed by whoever held the lock before."""
+    limit = get_settings().tenant_max_running_jobs
+    if session.get_bind().dialect.name != "postgresql":
+        return _active_jobs(session, tenant, cap=limit)
+    statuses = ", ".join(f"'{status}'" for status in ACTIVE)  # constants, not input
+    return session.connection().exec_driver_sql(
+        "SELECT pg_advisory_xact_lock(%(lock)s); SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = "
+        f"%(tenant)s AND status IN ({statuses}) LIMIT %(cap)s) AS active",
+        {"lock": _lock_key(tenant, "jobs"), "tenant": tenant, "cap": limit}).scalar()
+
+
+def too_many_running_jobs(active: int) -> TooManyRequests:
+    """The 429 of a submit past the tenant's limit of queued + running jobs."""
+    limit = get_settings().tenant_max_running_jobs
+    return TooManyRequests(f"this tenant has {active} queued or running jobs; the limit is {limit} "
+                           "(DISTILL_TENANT_MAX_RUNNING_JOBS): wait for one to finish or cancel one",
+                           code="too_many_running_jobs", limit=limit, headers={"Retry-After": str(JOBS_RETRY_AFTER_S)})
 
 
 def check_running_jobs(session: Session, tenant: str) -> None:
     """429 if the tenant already has its limit of queued + running jobs (the lock is held until the
     request's transaction commits the new job)."""
-    limit = get_settings().tenant_max_running_jobs
-    _lock_tenant(session, tenant, "jobs")
-    active = session.scalar(select(func.count()).select_from(Job).where(Job.tenant_id == tenant,
-                                                                        Job.status.in_(ACTIVE)))
-    if active >= limit:
-        raise TooManyRequests(f"this tenant has {active} queued or running jobs; the limit is {limit} "
-                              "(DISTILL_TENANT_MAX_RUNNING_JOBS): wait for one to finish or cancel one",
-                              code="too_many_running_jobs", limit=limit,
-                              headers={"Retry-After": str(JOBS_RETRY_AFTER_S)})
+    active = lock_and_count_running_jobs(session, tenant)
+    if active >= get_settings().tenant_max_running_jobs:
+        raise too_many_running_jobs(_active_jobs(session, tenant))
 
 
 def stored_bytes(session: Session, tenant: str) -> int:

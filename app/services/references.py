@@ -1,6 +1,7 @@
 """Resolve the model and file references of a job spec (``file_id``, ``model_id``,
 ``path``) to what they hold and where it lies. Used at submit time to check a spec and
-by the worker to hand the engine local paths."""
+by the worker to hand the engine local paths. A submit first loads every file it names in one
+query (:func:`prefetch_files`); the lookups then answer from the session."""
 
 from __future__ import annotations
 
@@ -90,6 +91,16 @@ def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> Model
     if ref.get("path"):
         return _server_path(ref["path"], f"{param}.path")
     raise Unprocessable("give exactly one of file_id, model_id or path", param=param)
+
+
+def prefetch_files(session: Session, tenant: str, file_ids: list[str]) -> None:
+    """Load the tenant's files among ``file_ids`` in one query, into the session's identity map, so the
+    ``resolve_*`` calls that follow (``session.get``) answer from memory instead of one query each."""
+    wanted = sorted({i for i in file_ids if is_id(i)})
+    if wanted:
+        # held by the session: its identity map keeps objects only while something references them
+        session.info["prefetched_files"] = session.scalars(
+            select(FileRecord).where(FileRecord.id.in_(wanted), FileRecord.tenant_id == tenant)).all()
 
 
 def resolve_dataset(session: Session, tenant: str, file_id: str, param: str) -> FileRecord:

@@ -3,18 +3,19 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ...openapi import errors, event_stream
 from ...schemas import (Deleted, EstimatePublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic,
                         JobStatus)
 from ...services import estimate as estimates
-from ...services import idempotency, quotas
+from ...services import idempotency
 from ...services import deletion
 from ...services import jobs as service
 from ...services.common import job_public, page, unix
 from ...services.event_stream import stream_events
-from ...tables import Job, JobEvent
+from ...tables import JobEvent
 from ..deps import CurrentTenant, IdempotencyKeyHeader, RequestSha256, SessionDep
 from ..params import Cursor, JobId
 
@@ -24,28 +25,29 @@ router = APIRouter(prefix="/distillation/jobs", tags=["distillation jobs"])
 public = job_public
 
 
-def public_with_position(session, job: Job) -> JobPublic:
-    """The job with its ``queue_position`` while queued (one FIFO across tenants: services.jobs.queue_positions)."""
-    position = service.queue_positions(session, [job.id]).get(job.id) if job.status == "queued" else None
-    return public(job, position)
-
-
 def public_event(event: JobEvent) -> JobEventPublic:
     return JobEventPublic(id=event.id, created_at=unix(event.created_at), type=event.type, message=event.message,
                           data=event.data)
 
 
 @router.post("", status_code=201, response_model=JobPublic, responses=errors(400, 409, 429, 503))
-def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, request_sha256: RequestSha256,
-               idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
+async def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, request_sha256: RequestSha256,
+                     idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
     """Submit a job; it is checked against its files now and queued for a worker. 429 when the tenant
     already has DISTILL_TENANT_MAX_RUNNING_JOBS queued or running; ``Idempotency-Key`` makes retries safe."""
-
-    def create() -> JobPublic:
-        quotas.check_running_jobs(session, tenant)
-        return public_with_position(session, service.create_job(session, tenant, body))
-
-    return idempotency.run(session, tenant, idempotency_key, request_sha256, 201, create)
+    # The database work runs in worker threads; waiting for the tenant's batch (services.jobs.submit_job)
+    # holds no thread, so a burst of submits leaves the thread pool to the reads.
+    if idempotency_key is not None:
+        earlier = await run_in_threadpool(idempotency.claim, session, tenant, idempotency_key, request_sha256)
+        if earlier is not None:
+            return earlier
+    try:
+        job = await run_in_threadpool(service.prepare_job, session, tenant, body)
+        return await service.submit_job(job, idempotency_key)
+    except Exception:  # not on cancellation: a job its batch still commits keeps its key (and its replay)
+        if idempotency_key is not None:
+            await run_in_threadpool(idempotency.forget, session, tenant, idempotency_key)
+        raise
 
 
 @router.post("/estimate", response_model=EstimatePublic, responses=errors(400))
@@ -66,7 +68,9 @@ def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | No
 
 @router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
 def get_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
-    return public_with_position(session, service.get_job(session, tenant, job_id))
+    job, position = service.get_job_with_position(session, tenant, job_id)  # one query
+    session.close()  # a read: ended here, in this thread, so the session dependency has nothing left to do
+    return public(job, position)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))
