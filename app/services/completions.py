@@ -1,9 +1,16 @@
 """OpenAI-compatible text generation from finished causal language models.
 
-Non-streamed requests run one ``generate`` call per prompt. Streamed ones (``stream=true``) run
-``generate`` in a thread that hands each new token to the response through a queue, so chunks
-leave while the model generates; the HTTP side is a sync generator that Starlette iterates in its
-threadpool, so the event loop never waits on the model.
+Every choice to generate (each prompt x ``n``) is one row of the generation batcher
+(app/services/generation.py): concurrent requests for one model are decoded together, with left
+padding and one KV cache, each row with its own sampling settings and seed. A request's rows are
+queued before anything is sent (a full queue answers 503), then each row's tokens are read from its
+own queue as they are generated: a streamed request (``stream=true``) sends them as chunks, an
+unstreamed one waits for the end. The HTTP side is sync and Starlette runs it in its threadpool, so
+the event loop never waits on the model.
+
+A row whose text reaches a stop sequence is cancelled at once (it leaves its batch), streamed or not;
+the text is cut before the stop sequence. With a ``seed``, choice ``j`` samples from its own generator
+seeded with ``seed + j``, so a seeded request gives the same text alone or batched with others.
 
 Log-probabilities (``logprobs``) are ``log_softmax`` of the model's raw next-token logits at each
 step, before temperature and top_p: the model's own distribution, as OpenAI reports it, not the
@@ -11,23 +18,18 @@ step, before temperature and top_p: the model's own distribution, as OpenAI repo
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import queue
 import secrets
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
-
 from ..errors import Unprocessable, openai_error
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..tables import ModelRecord
+from .generation import Row, RowSpec, ServedLM, generation_batcher
 from .models import model_cache
 
 log = logging.getLogger(__name__)
@@ -40,43 +42,40 @@ class _LanguageModel:
     model: object
     tokenizer: object
     lock: threading.Lock
+    key: str  # the model id + its weights' sha256: the batcher's queue
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def served(self) -> ServedLM:
+        return ServedLM(self.key, self.model, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, self.lock)
 
 
 def _language_model(record: ModelRecord) -> _LanguageModel:
     if record.task != "causal_lm":
         raise Unprocessable(f"model {record.id!r} is a {record.task} model, not a language model", param="model")
     (model, tokenizer), lock = model_cache().get(record)
-    return _LanguageModel(record.id, model, tokenizer, lock)
+    return _LanguageModel(record.id, model, tokenizer, lock, f"{record.id}:{record.sha256}")
 
 
-# Seeded generations run one at a time across all models: fork_rng saves and restores the
-# process-wide generators, so two overlapping seeded runs would sample from (and leave behind)
-# each other's seeds. Unseeded runs take no lock; their randomness is not meant to repeat.
-_seeded = threading.Lock()
+def _submit(lm: _LanguageModel, prompts: list[list[int]], request, top_k: int | None) -> list[Row]:
+    """Queue ``n`` rows per prompt (prompt-major) with the request's sampling settings."""
+    sample = request.temperature > 0
+    specs = [RowSpec(prompt_ids, request.max_tokens, request.temperature if sample else 0.0,
+                     request.top_p if sample else 1.0, None if request.seed is None else request.seed + choice,
+                     top_k)
+             for prompt_ids in prompts for choice in range(request.n)]
+    return generation_batcher().submit(lm.served(), specs)
 
 
-@contextlib.contextmanager
-def _seeded_rng(seed: int | None, device: torch.device):
-    """Seed sampling on ``device`` for the block, then put the process's RNG state back.
-
-    HF ``generate`` takes no ``torch.Generator``, so it samples from the default generators:
-    those of the CPU and of the model's CUDA device are saved, seeded and restored. Seeding
-    them one by one (not ``torch.manual_seed``) leaves other GPUs alone and queues no seed
-    for a CUDA that is not initialised yet. Without a seed nothing is touched."""
-    if seed is None:
-        yield
-        return
-    cuda = device.type == "cuda"
-    index = (device.index if device.index is not None else torch.cuda.current_device()) if cuda else None
-    with _seeded, torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
-        yield
+def _encode(lm: _LanguageModel, prompt: str) -> list[int]:
+    """The prompt's token ids; an empty prompt starts from the beginning-of-text token (BOS, else EOS), as
+    OpenAI's models start from ``<|endoftext|>``."""
+    prompt_ids = list(lm.tokenizer(prompt).input_ids)
+    if prompt_ids:
+        return prompt_ids
+    start = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
+    if start is None:
+        raise Unprocessable("the prompt is empty and the model's tokenizer has no BOS or EOS token to start from",
+                            param="prompt")
+    return [start]
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -93,25 +92,6 @@ def _check_room(lm: _LanguageModel, prompt_ids: list[int], request) -> None:
     if room is not None and len(prompt_ids) + request.max_tokens > room:
         raise Unprocessable(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({request.max_tokens}) exceeds the "
                             f"model's context of {room} tokens", param="max_tokens")
-
-
-def _generate_kwargs(lm: _LanguageModel, ids: torch.Tensor, request) -> dict:
-    sample = request.temperature > 0
-    return dict(attention_mask=torch.ones_like(ids), max_new_tokens=request.max_tokens, do_sample=sample,
-                temperature=request.temperature if sample else None, top_p=request.top_p if sample else None,
-                pad_token_id=lm.tokenizer.pad_token_id, eos_token_id=lm.tokenizer.eos_token_id)
-
-
-def _kept_tokens(lm: _LanguageModel, sequence: list[int]) -> tuple[list[tuple[int, int]], bool, int]:
-    """(step, token) pairs of the answer (up to EOS, padding dropped), whether EOS ended it, tokens used."""
-    tokenizer, kept = lm.tokenizer, []
-    for step, token in enumerate(sequence):
-        if token == tokenizer.eos_token_id:
-            return kept, True, len(kept) + 1
-        if tokenizer.pad_token_id is not None and token == tokenizer.pad_token_id:
-            continue
-        kept.append((step, token))
-    return kept, False, len(kept)
 
 
 def _token_texts(tokenizer, tokens: list[int]) -> list[str]:
@@ -138,37 +118,36 @@ class _Choice:
     top: list[list[tuple[str, float]]]
 
 
-def _generate(lm: _LanguageModel, prompt_ids: list[int], request, top_k: int | None) -> tuple[list[_Choice], int]:
-    """n choices for one tokenized prompt; returns (choices, completion tokens). With ``top_k`` (not
-    None) each choice carries its tokens' log-probs and the ``top_k`` most likely tokens per step."""
-    _check_room(lm, prompt_ids, request)
-    tokenizer, stops = lm.tokenizer, _stops(request)
-    ids = torch.tensor([prompt_ids], device=lm.device)
-    with lm.lock, torch.no_grad(), _seeded_rng(request.seed, lm.device):
-        output = lm.model.generate(ids, **_generate_kwargs(lm, ids, request), num_return_sequences=request.n,
-                                   return_dict_in_generate=True, output_logits=top_k is not None)
-    choices, used = [], 0
-    for row, sequence in enumerate(output.sequences[:, ids.shape[1]:].tolist()):
-        kept, ended, count = _kept_tokens(lm, sequence)
-        used += count
-        tokens = [t for _, t in kept]
-        text, stopped = _cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-        choice = _Choice(text, "stop" if ended or stopped else "length", [], [], [])
-        if top_k is not None:
-            offset = 0
-            for (step, token), piece in zip(kept, _token_texts(tokenizer, tokens)):
-                if stopped and offset >= len(text):
-                    break  # the rest lies past the stop sequence
-                logprobs = torch.log_softmax(output.logits[step][row].float(), dim=-1)
-                best = torch.topk(logprobs, min(top_k, logprobs.shape[-1])) if top_k else None
-                choice.tokens.append(piece)
-                choice.token_logprobs.append(_logprob(logprobs[token].item()))
-                choice.top.append([] if best is None else
-                                  [(tokenizer.decode([i]), _logprob(v)) for v, i in zip(best.values.tolist(),
-                                                                                        best.indices.tolist())])
-                offset += len(piece)
-        choices.append(choice)
-    return choices, used
+def _collect(lm: _LanguageModel, row: Row, stops: list[str], with_logprobs: bool) -> tuple[_Choice, int]:
+    """One row's choice once it has ended, and the tokens it generated (EOS included). A stop sequence
+    in the text cancels the row at once; the text is cut before it."""
+    tokenizer, kept, used, ended = lm.tokenizer, [], 0, False
+    try:
+        for step in row.steps():
+            used += 1
+            if step.token == tokenizer.eos_token_id:
+                ended = True
+                break
+            if tokenizer.pad_token_id is not None and step.token == tokenizer.pad_token_id:
+                continue
+            kept.append(step)
+            if stops and _cut_at_stop(tokenizer.decode([s.token for s in kept], skip_special_tokens=True), stops)[1]:
+                break
+    finally:
+        row.cancel()  # no-op when the row has ended; else it leaves its batch
+    tokens = [step.token for step in kept]
+    text, stopped = _cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+    choice = _Choice(text, "stop" if ended or stopped else "length", [], [], [])
+    if with_logprobs:
+        offset = 0
+        for step, piece in zip(kept, _token_texts(tokenizer, tokens)):
+            if stopped and offset >= len(text):
+                break  # the rest lies past the stop sequence
+            choice.tokens.append(piece)
+            choice.token_logprobs.append(_logprob(step.logprob))
+            choice.top.append([(tokenizer.decode([token]), _logprob(value)) for token, value in step.top])
+            offset += len(piece)
+    return choice, used
 
 
 def _legacy_logprobs(choice: _Choice, start: int) -> dict:
@@ -190,89 +169,37 @@ def _chat_logprobs(choice: _Choice) -> dict:
 
 # ---- streaming ---------------------------------------------------------------------------------------------
 
-_END = object()
-
-
-class _QueueStreamer(BaseStreamer):
-    """Hands every token ``generate`` produces to a queue (the first ``put`` is the prompt: skipped)."""
-
-    def __init__(self):
-        self.queue: queue.Queue = queue.Queue()
-        self._prompt_seen = False
-
-    def put(self, value):
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.queue.put(token)
-
-    def end(self):
-        self.queue.put(_END)
-
-
-class _Cancelled(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def _tokens(lm: _LanguageModel, prompt_ids: list[int], request, cancel: threading.Event) -> Iterator[int]:
-    """The generated tokens one by one, as ``generate`` (in its own thread) produces them."""
-    streamer = _QueueStreamer()
-    ids = torch.tensor([prompt_ids], device=lm.device)
-
-    def run():
-        try:
-            with lm.lock, torch.no_grad(), _seeded_rng(request.seed, lm.device):
-                lm.model.generate(ids, **_generate_kwargs(lm, ids, request), streamer=streamer,
-                                  stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)]))
-        except BaseException as error:  # noqa: BLE001 - handed to the response, which reports it
-            streamer.queue.put(error)
-        finally:
-            streamer.queue.put(_END)
-
-    thread = threading.Thread(target=run, name=f"generate-{lm.id}", daemon=True)
-    thread.start()
-    try:
-        while (item := streamer.queue.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancel.set()  # the client left or a stop sequence matched: generation ends at its next step
-
-
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters might still become a stop sequence (or are half a character)."""
     hold = max([n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
     return max(hold, len(text) - len(text.rstrip("\ufffd")))
 
 
-def _text_deltas(lm: _LanguageModel, prompt_ids: list[int], request) -> Iterator[tuple[str, str | None, int]]:
-    """(text delta, finish_reason on the last, completion tokens so far). The deltas add up to the text
-    the same request gives unstreamed: the decoded tokens, cut at the first stop sequence."""
-    tokenizer, stops, cancel = lm.tokenizer, _stops(request), threading.Event()
+def _text_deltas(lm: _LanguageModel, row: Row, stops: list[str]) -> Iterator[tuple[str, str | None, int]]:
+    """(text delta, finish_reason on the last, completion tokens so far) of one row as it is generated. The
+    deltas add up to the text the same request gives unstreamed: the decoded tokens, cut at the first stop
+    sequence (which also cancels the row, as leaving early does)."""
+    tokenizer = lm.tokenizer
     tokens, sent, used, finish = [], "", 0, "length"
-    for token in _tokens(lm, prompt_ids, request, cancel):
-        used += 1
-        if token == tokenizer.eos_token_id:
-            finish = "stop"
-            break
-        if tokenizer.pad_token_id is not None and token == tokenizer.pad_token_id:
-            continue
-        tokens.append(token)
-        text, stopped = _cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
-        if stopped:
-            finish = "stop"
-            break
-        safe = text[:len(text) - _held_back(text, stops)]
-        if len(safe) > len(sent) and safe.startswith(sent):
-            yield safe[len(sent):], None, used
-            sent = safe
-    cancel.set()
+    try:
+        for step in row.steps():
+            used += 1
+            if step.token == tokenizer.eos_token_id:
+                finish = "stop"
+                break
+            if tokenizer.pad_token_id is not None and step.token == tokenizer.pad_token_id:
+                continue
+            tokens.append(step.token)
+            text, stopped = _cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
+            if stopped:
+                finish = "stop"
+                break
+            safe = text[:len(text) - _held_back(text, stops)]
+            if len(safe) > len(sent) and safe.startswith(sent):
+                yield safe[len(sent):], None, used
+                sent = safe
+    finally:
+        row.cancel()  # the client left or a stop sequence matched: the row leaves its batch at its next step
     text, stopped = _cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), stops)
     finish = "stop" if stopped else finish
     yield (text[len(sent):] if text.startswith(sent) else ""), finish, used
@@ -321,39 +248,45 @@ def _include_usage(request) -> bool:
 
 def complete(record: ModelRecord, request: CompletionRequest) -> dict | Iterator[str]:
     """A completion object, or with ``stream`` the Server-Sent Events to send (every check that can
-    refuse the request runs before the first event)."""
+    refuse the request, the queue's room included, runs before the first event)."""
     _check_stream(request, "logprobs")
     lm = _language_model(record)
     prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
-    encoded = [lm.tokenizer(prompt).input_ids for prompt in prompts]
+    encoded = [_encode(lm, prompt) for prompt in prompts]
     for prompt_ids in encoded:
         _check_room(lm, prompt_ids, request)
     head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time()),
             "model": record.id}
+    rows = _submit(lm, encoded, request, None if request.stream else request.logprobs)
     if request.stream:
-        return _stream_completion(lm, encoded, request, head)
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    for prompt, prompt_ids in zip(prompts, encoded):
-        generated, used = _generate(lm, prompt_ids, request, request.logprobs)
-        prompt_tokens, completion_tokens = prompt_tokens + len(prompt_ids), completion_tokens + used
-        for choice in generated:
-            logprobs = _legacy_logprobs(choice, len(prompt)) if request.logprobs is not None else None
-            choices.append({"text": choice.text, "index": len(choices), "logprobs": logprobs,
-                            "finish_reason": choice.finish_reason})
-    return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+        return _stream_completion(lm, rows, encoded, request, head)
+    choices, completion_tokens, stops = [], 0, _stops(request)
+    for index, row in enumerate(rows):  # n rows per prompt, prompt-major
+        choice, used = _collect(lm, row, stops, request.logprobs is not None)
+        completion_tokens += used
+        logprobs = _legacy_logprobs(choice, len(prompts[index // request.n])) if request.logprobs is not None else None
+        choices.append({"text": choice.text, "index": index, "logprobs": logprobs,
+                        "finish_reason": choice.finish_reason})
+    return {**head, "choices": choices, "usage": _usage(sum(map(len, encoded)), completion_tokens)}
 
 
-def _stream_completion(lm: _LanguageModel, encoded: list[list[int]], request, head: dict) -> Iterator[str]:
-    """One choice per prompt (index = the prompt's), generated one prompt after the other."""
-    used = [0] * len(encoded)
+def _stream_completion(lm: _LanguageModel, rows: list[Row], encoded: list[list[int]], request,
+                       head: dict) -> Iterator[str]:
+    """One choice per prompt (index = the prompt's): all generated at once, sent one after the other."""
+    used = [0] * len(rows)
     extra = {"usage": None} if _include_usage(request) else {}
+    stops = _stops(request)
 
     def chunks():
-        for index, prompt_ids in enumerate(encoded):
-            for delta, finish, used[index] in _text_deltas(lm, prompt_ids, request):
-                if delta or finish:
-                    yield {**head, "choices": [{"text": delta, "index": index, "logprobs": None,
-                                                "finish_reason": finish}], **extra}
+        try:
+            for index, row in enumerate(rows):
+                for delta, finish, used[index] in _text_deltas(lm, row, stops):
+                    if delta or finish:
+                        yield {**head, "choices": [{"text": delta, "index": index, "logprobs": None,
+                                                    "finish_reason": finish}], **extra}
+        finally:
+            for row in rows:  # the client left: the rows not read yet stop too
+                row.cancel()
 
     usage = (lambda: {**head, "choices": [], "usage": _usage(sum(map(len, encoded)), sum(used))}) \
         if _include_usage(request) else None
@@ -375,17 +308,19 @@ def chat(record: ModelRecord, request: ChatCompletionRequest) -> dict | Iterator
     prompt_ids = list(prompt_ids)
     _check_room(lm, prompt_ids, request)
     head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": record.id}
-    if request.stream:
-        return _stream_chat(lm, prompt_ids, request, head)
     top_k = (request.top_logprobs or 0) if request.logprobs else None
-    generated, used = _generate(lm, prompt_ids, request, top_k)
+    rows = _submit(lm, [prompt_ids], request, top_k)
+    if request.stream:
+        return _stream_chat(lm, rows[0], prompt_ids, request, head)
+    generated = [_collect(lm, row, _stops(request), request.logprobs) for row in rows]
     choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(c) if request.logprobs else None,
-                "finish_reason": c.finish_reason} for i, c in enumerate(generated)]
-    return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(len(prompt_ids), used)}
+                "finish_reason": c.finish_reason} for i, (c, _) in enumerate(generated)]
+    return {**head, "object": "chat.completion", "choices": choices,
+            "usage": _usage(len(prompt_ids), sum(used for _, used in generated))}
 
 
-def _stream_chat(lm: _LanguageModel, prompt_ids: list[int], request, head: dict) -> Iterator[str]:
+def _stream_chat(lm: _LanguageModel, row: Row, prompt_ids: list[int], request, head: dict) -> Iterator[str]:
     head = {**head, "object": "chat.completion.chunk"}
     extra = {"usage": None} if _include_usage(request) else {}
     used = [0]
@@ -395,12 +330,15 @@ def _stream_chat(lm: _LanguageModel, prompt_ids: list[int], request, head: dict)
                 **extra}
 
     def chunks():
-        yield chunk({"role": "assistant", "content": ""}, None)
-        for delta, finish, used[0] in _text_deltas(lm, prompt_ids, request):
-            if delta:
-                yield chunk({"content": delta}, None)
-            if finish:
-                yield chunk({}, finish)
+        try:
+            yield chunk({"role": "assistant", "content": ""}, None)
+            for delta, finish, used[0] in _text_deltas(lm, row, _stops(request)):
+                if delta:
+                    yield chunk({"content": delta}, None)
+                if finish:
+                    yield chunk({}, finish)
+        finally:
+            row.cancel()  # the client left before the first read
 
     usage = (lambda: {**head, "choices": [], "usage": _usage(len(prompt_ids), used[0])}) \
         if _include_usage(request) else None
