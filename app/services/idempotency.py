@@ -7,7 +7,7 @@ with (sha256 of method, path and body; an upload hashes its file's bytes and for
   insert: it answers 409 (``Retry-After: 1``) and creates nothing.
 - The request runs. Its 2xx response is written into the row in the request's own
   transaction, so the created object and the recorded response commit together (a job's
-  submit: :func:`claim`, then the jobs' batch writes the job and :func:`record`\ s its response).
+  submit: :func:`claim`, then the jobs' batch writes the job and :func:`record` records its response).
 - It fails (any error): the row is deleted, so the key may be retried; nothing was created
   (or, when the job's publish failed after the commit, the job was marked failed: a retry with
   the same key submits it anew).
