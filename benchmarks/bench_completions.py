@@ -10,8 +10,8 @@ whose greedy continuation runs the full --tokens without EOS, then for each vari
 
 - ``batched``: this checkout, DISTILL_GENERATE_MAX_BATCH=32, DISTILL_GENERATE_MAX_WAIT_MS=5 (the defaults)
 - ``one-at-a-time``: this checkout with DISTILL_GENERATE_MAX_BATCH=1 (the same decode loop, one row per batch)
-- ``HEAD``: the app/ and distill/ of ``--baseline-rev`` (default: HEAD, i.e. the committed code without
-  this working tree's changes: one ``model.generate`` per request under the model's lock)
+- ``HEAD``: the app/ and distill/ of ``--baseline-rev`` (default 43ebf61, the last commit before batched
+  generation: one ``model.generate`` per request under the model's lock)
 
 Each variant runs --repeats times, interleaved; the table shows each one's median-throughput run: completion
 tokens/s (from each answer's ``usage``), requests/s, p50/p99 latency, and tokens/s as a ratio of
@@ -195,7 +195,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=["HEAD", "one-at-a-time", "batched"])
-    parser.add_argument("--baseline-rev", default="HEAD", help="the commit whose app/ and distill/ are 'HEAD'")
+    parser.add_argument("--baseline-rev", default="43ebf61",
+                        help="the commit whose app/ and distill/ are 'HEAD' (default: before batched generation)")
     parser.add_argument("--vocab", type=int, default=4000, help="words in the vocabulary")
     parser.add_argument("--width", type=int, default=128, help="hidden size of teacher and student")
     parser.add_argument("--teacher-layers", type=int, default=4)
