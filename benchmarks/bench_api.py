@@ -32,7 +32,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,17 +48,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _summary  # noqa: E402
+from bench_predict import free_port, start, stop, wait_healthy  # noqa: E402
 
 PG = {"host": os.environ.get("DISTILL_TEST_PG_HOST", "127.0.0.1"), "user": os.environ.get("DISTILL_TEST_PG_USER",
                                                                                             "postgres")}
 REDIS_URL = os.environ.get("DISTILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 GOAL_MS = 150.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def admin(statement: str, database: str = "postgres") -> None:
@@ -70,33 +64,6 @@ def admin(statement: str, database: str = "postgres") -> None:
             cursor.execute(statement)
     finally:
         connection.close()
-
-
-def start(command: list[str], env: dict, cwd: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the API exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"the API did not come up; see {log}")
 
 
 def api_command(port: int, workers: int) -> list[str]:

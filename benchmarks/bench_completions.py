@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 import _summary  # noqa: E402
-from bench_predict import free_port, start, stop, wait_healthy  # noqa: E402
+from bench_predict import free_port, migrate_and_create_key, start, stop, wait_healthy  # noqa: E402
 
 
 def build_teacher(folder: Path, vocab: int, layers: int, width: int) -> tuple[Path, Path, list[str]]:
@@ -61,11 +61,7 @@ def build_teacher(folder: Path, vocab: int, layers: int, width: int) -> tuple[Pa
 
 def train_student(env: dict, scratch: Path, args) -> tuple[str, str, list[str]]:
     """(model id, API key, words): a student derived from the teacher's first layers, trained 1 epoch."""
-    subprocess.run([sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
-    key = subprocess.run([sys.executable, "-m", "app.admin", "keys", "create", "--tenant", "bench", "--json"],
-                         cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-    key = json.loads(key)["key"]
+    key = migrate_and_create_key(env)
     archive, train, words = build_teacher(scratch / "problem", args.vocab, args.teacher_layers, args.width)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -96,7 +96,7 @@ def stop(process: subprocess.Popen) -> None:
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"the API exited:\n{log.read_text()[-3000:]}")
@@ -109,15 +109,20 @@ def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     raise SystemExit(f"the API did not come up; see {log}")
 
 
-def train_model(env: dict, scratch: Path, hidden: list[int]) -> tuple[str, list[list[float]], str]:
-    """(model id, rows to send, API key): a 1-epoch MLP student trained by a real worker."""
-    from tests.factories import make_problem
-
+def migrate_and_create_key(env: dict) -> str:
+    """Bring the scratch database to the schema head and create an API key (tenant "bench"): the key."""
     subprocess.run([sys.executable, "-m", "alembic", "-c", str(ROOT / "alembic.ini"), "upgrade", "head"],
                    cwd=ROOT, env=env, check=True, capture_output=True)
     key = subprocess.run([sys.executable, "-m", "app.admin", "keys", "create", "--tenant", "bench", "--json"],
                          cwd=ROOT, env=env, check=True, capture_output=True, text=True).stdout
-    key = json.loads(key)["key"]
+    return json.loads(key)["key"]
+
+
+def train_model(env: dict, scratch: Path, hidden: list[int]) -> tuple[str, list[list[float]], str]:
+    """(model id, rows to send, API key): a 1-epoch MLP student trained by a real worker."""
+    from tests.factories import make_problem
+
+    key = migrate_and_create_key(env)
     problem = make_problem(scratch / "problem")
     port = free_port()
     url = f"http://127.0.0.1:{port}"

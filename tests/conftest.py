@@ -175,3 +175,19 @@ def language(tmp_path_factory):
     from tests.factories import make_language_problem
 
     return make_language_problem(tmp_path_factory.mktemp("language"))
+
+
+@pytest.fixture(scope="session")
+def lm(api_url, api_key, workers, language) -> str:
+    """A finished causal LM (1 layer derived from the language teacher, 1 epoch, trained by a worker): its model
+    id. Shared by the inference tests (completions, chat, batching), which only read it."""
+    from tests.app.helpers import submit, upload, wait_for
+
+    with httpx.Client(base_url=api_url + "/v1", timeout=120, headers=bearer(api_key)) as http:
+        teacher, train = upload(http, language.teacher_archive, "model"), upload(http, language.train_jsonl, "dataset")
+        body = {"task": "causal_lm", "teacher": {"file_id": teacher["id"]}, "student": {"derive": {"num_layers": 1}},
+                "training_file": train["id"], "hyperparameters": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3},
+                "data": {"max_length": 64}}
+        job = wait_for(http, submit(http, body)["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    return job["result_model_id"]

@@ -21,8 +21,6 @@ from app.errors import Unavailable
 from app.services.generation import GenerationBatcher, Row, RowSpec, ServedLM, decode
 from tests.distill.hf_factories import SYNTHETIC_WORDS, make_word_tokenizer, tiny_gpt2, tiny_llama
 
-from .helpers import submit, upload, wait_for
-
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15], [20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]]
 
 
@@ -176,19 +174,6 @@ def test_the_queue_is_bounded_with_503(tokenizer):
 
 
 # ---- through the live service ------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def lm(api_url, api_key, workers, language) -> str:
-    """A finished causal LM (1 layer derived from the teacher, 1 epoch, trained by a worker): its model id."""
-    with httpx.Client(base_url=api_url + "/v1", timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as http:
-        teacher, train = upload(http, language.teacher_archive, "model"), upload(http, language.train_jsonl, "dataset")
-        body = {"task": "causal_lm", "teacher": {"file_id": teacher["id"]}, "student": {"derive": {"num_layers": 1}},
-                "training_file": train["id"], "hyperparameters": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3},
-                "data": {"max_length": 64}}
-        job = wait_for(http, submit(http, body)["id"], timeout=300)
-    assert job["status"] == "succeeded", job["error"]
-    return job["result_model_id"]
-
 
 SERVICE_PROMPTS = ["the cat", "the dogs see a big", "a", "every child likes the red bird and the", "some robots"]
 

@@ -6,30 +6,15 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from .helpers import submit, upload, wait_for
 from .test_llm_e2e import download_model_dir
 
 PROMPT = "the cat"
 CHAT = [{"role": "user", "content": "the dog"}]
-
-
-@pytest.fixture(scope="module")
-def lm(api_url, api_key, workers, language) -> str:
-    """A finished causal LM (1 layer derived from the teacher, 1 epoch): its model id."""
-    with httpx.Client(base_url=api_url + "/v1", timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as http:
-        teacher, train = upload(http, language.teacher_archive, "model"), upload(http, language.train_jsonl, "dataset")
-        body = {"task": "causal_lm", "teacher": {"file_id": teacher["id"]}, "student": {"derive": {"num_layers": 1}},
-                "training_file": train["id"], "hyperparameters": {"epochs": 1, "batch_size": 8, "learning_rate": 3e-3},
-                "data": {"max_length": 64}}
-        job = wait_for(http, submit(http, body)["id"], timeout=300)
-    assert job["status"] == "succeeded", job["error"]
-    return job["result_model_id"]
 
 
 @pytest.fixture(scope="module")
