@@ -411,6 +411,27 @@ def test_teacher_topk_matches_log_softmax_topk():
     assert sig.logprobs.dtype == torch.float32 and sig.logprobs.grad_fn is None
 
 
+def test_teacher_topk_float32_tail_and_normaliser_match_float64():
+    # Large vocabulary, float32 logits: a peaked teacher (tail ~1e-9), a near-flat one (tail ~1)
+    # and a typical one. The tail and the top-k log-probabilities match the float64 log-softmax
+    # in relative terms, far below what 1 - sum(p_top) of a float32 softmax could resolve.
+    g = torch.Generator().manual_seed(150)
+    vocab = 32_000
+    peaked = torch.randn(4, vocab, generator=g)
+    peaked[:, :8] += 30.0
+    flat = torch.randn(4, vocab, generator=g) * 0.01
+    typical = torch.randn(4, vocab, generator=g) * 3.0
+    for logits in (peaked, flat, typical):
+        for T in (1.0, 2.0):
+            sig = teacher_topk(logits, 64, T)
+            exact = torch.log_softmax(logits.double() / T, -1)
+            top = exact.gather(-1, sig.indices)
+            torch.testing.assert_close(sig.logprobs.double(), top, rtol=0, atol=2e-6)
+            exact_tail = exact.scatter(-1, sig.indices, float("-inf")).logsumexp(-1)  # float64, direct
+            # error in log space = relative error of the tail mass (plus float32 rounding of the log)
+            torch.testing.assert_close(sig.tail_logprob.double(), exact_tail, rtol=1e-6, atol=1e-6)
+
+
 def test_topk_signal_indexing_and_validation():
     t = _logits(2, 3, 10, seed=130)
     sig = teacher_topk(t, 4, 1.0)
