@@ -9,7 +9,8 @@ Runs in its own environment, since TRL is not a dependency of the service:
 Identical setup for every variant (the issue's): a random-init GPT-2 teacher, 4 layers × 256
 wide (4 heads), and a random-init 1-layer student of the same width (seed 0 for both, so
 every variant starts from the same weights), the same 256 random rows × 64 tokens (seed 1),
-batch 16, 3 epochs, AdamW lr 1e-4 without weight decay, constant learning rate, gradients
+batch 16, 3 epochs, AdamW lr 1e-4 without weight decay (the fused kernel in both: transformers'
+default optimizer for torch >= 2.8, and the engine's), constant learning rate, gradients
 clipped to norm 1, fp32, no gradient checkpointing, dropout off. The loss is the forward KL
 (teacher ‖ student) at T = 1 over every next-token position (63 a row), summed and divided by
 their number, with no cross-entropy term: what TRL's GKD computes with ``beta=0``.
@@ -146,7 +147,7 @@ def run_trl(args, teacher, student, input_ids, stamps: list, max_steps: int) -> 
         config = GKDConfig(
             output_dir=out_dir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
             max_steps=max_steps, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-            weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", seed=0, bf16=args.precision == "bf16", fp16=False,
+            weight_decay=0.0, max_grad_norm=1.0, seed=0, bf16=args.precision == "bf16", fp16=False,
             gradient_checkpointing=False, use_cpu=args.device == "cpu", report_to="none", save_strategy="no", eval_strategy="no",
             logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0, max_length=args.seq_len,
             lmbda=0.0, beta=0.0, seq_kd=False, temperature=1.0, disable_dropout=True)
@@ -406,7 +407,7 @@ def main() -> None:
 
     print(f"causal-LM KD vs TRL GKDTrainer: GPT-2 teacher {args.teacher_layers}x{args.embd} -> random-init student "
           f"{args.student_layers}x{args.embd}, {args.rows} rows x {args.seq_len} tokens, batch {args.batch_size}, "
-          f"{args.epochs} epochs, forward KL T=1 (GKD lmbda=0 beta=0), AdamW lr {args.lr:g} constant, clip 1, fp32")
+          f"{args.epochs} epochs, forward KL T=1 (GKD lmbda=0 beta=0), AdamW (fused) lr {args.lr:g} constant, clip 1, fp32")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{args.threads or torch.get_num_threads()}; each run in a fresh process; {args.repeats} run(s) per variant")

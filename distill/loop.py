@@ -73,7 +73,11 @@ def train(recipe: Recipe, ctx: RunContext, hp: Hyperparameters, checkpoint_inter
     the per-epoch records."""
     model, device = recipe.trained_modules(), ctx.device
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    # The fused kernel (one pass over each parameter; CPU and CUDA) where every parameter allows it:
+    # a quarter of the for-each step's time on CPU. transformers' Trainer defaults to it too.
+    fused = bool(parameters) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in parameters)
+    optimizer = torch.optim.AdamW(parameters, lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                                  **({"fused": True} if fused else {}))
     n, batch_size, accumulation = recipe.num_examples, hp.batch_size, hp.gradient_accumulation_steps
     batches_per_epoch = math.ceil(n / batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
