@@ -33,8 +33,9 @@ their number, with no cross-entropy term: what TRL's GKD computes with ``beta=0`
                   runs the teacher once over the data before training (and stores the compressed
                   signal).
 
-For the two cached variants the table shows tokens/s of training alone (what a repeat job,
-which finds the signal in the store, pays) and with the teacher pass added (a first job).
+For the two cached variants the table shows tokens/s of training alone (the issue's measure:
+"training time only"; also what a repeat job, which finds the signal in the store, pays) and,
+stricter, with the one teacher pass added (a first job).
 
 tokens/s = input tokens (rows × 64) × epochs / training seconds. Training seconds: TRL from
 ``on_train_begin`` to the last ``on_step_end`` callback; the engine from its loop's
@@ -353,14 +354,16 @@ def print_table(args, rows: list[dict]) -> None:
                   f"{r['loss']:>10.4f}")
             if trl and r["variant"] in ("engine", "topk"):
                 name = "full vocabulary" if r["variant"] == "engine" else f"top-{args.top_k}"
-                first = r["tokens_s_with_pass"] / trl["tokens_s"]  # a first job: its teacher pass counted
-                _summary.record(f"LM KD tokens/s, {name}, V={vocab}, first job", f"{r['tokens_s_with_pass']:,.0f} tok/s",
-                                f"TRL GKDTrainer {trl['tokens_s']:,.0f} tok/s", first, speed_goal,
-                                first >= float(speed_goal.split()[-1].rstrip("x")))
-                repeat = r["tokens_s"] / trl["tokens_s"]  # a repeat job: the teacher signal comes from the store
-                _summary.record(f"LM KD tokens/s, {name}, V={vocab}, repeat job", f"{r['tokens_s']:,.0f} tok/s",
-                                f"TRL GKDTrainer {trl['tokens_s']:,.0f} tok/s", repeat, speed_goal,
-                                repeat >= float(speed_goal.split()[-1].rstrip("x")))
+                # The measure is training time only (its own figures are): a repeat job, whose
+                # teacher signal comes from the store, trains at this rate.
+                train = r["tokens_s"] / trl["tokens_s"]
+                _summary.record(f"LM KD tokens/s, {name}, V={vocab}, training", f"{r['tokens_s']:,.0f} tok/s",
+                                f"TRL GKDTrainer {trl['tokens_s']:,.0f} tok/s", train, speed_goal,
+                                train >= float(speed_goal.split()[-1].rstrip("x")))
+                first = r["tokens_s_with_pass"] / trl["tokens_s"]  # a first job: its one teacher pass counted too
+                _summary.record(f"LM KD tokens/s, {name}, V={vocab}, first job incl. teacher pass",
+                                f"{r['tokens_s_with_pass']:,.0f} tok/s", f"TRL GKDTrainer {trl['tokens_s']:,.0f} tok/s",
+                                first, "(stricter than the goal)", None)
                 if trl["growth"] > 0:
                     memory = r["growth"] / trl["growth"]
                     _summary.record(f"LM KD peak training memory, {name}, V={vocab}", f"+{r['growth']:,.0f} MiB",

@@ -42,7 +42,9 @@ def precompute_topk(teacher: LogitsHead, tokens: dict, k: int, temperature: floa
         per_pass = max(1, min(SIGNAL_POSITIONS_PER_PASS, SIGNAL_FLOATS_PER_PASS // (hidden.shape[0] * shared)))
         for offset in range(0, hidden.shape[1], per_pass):
             cols = slice(offset, offset + per_pass)
-            logits = teacher.head(hidden[:, cols])[..., :shared].float()
+            part = hidden[:, cols]  # a strided slice: flattened to rows (a copy) first, because torch's CPU
+            # linear on a non-contiguous 3-D input takes a path ~7x slower than on rows (measured at V=32k)
+            logits = teacher.head(part.reshape(-1, part.shape[-1])).reshape(*part.shape[:-1], -1)[..., :shared].float()
             signal = teacher_topk(logits, k, temperature)
             logprobs[rows, cols] = signal.logprobs.cpu()
             indices[rows, cols] = signal.indices.int().cpu()
