@@ -302,6 +302,28 @@ def inspect_model_dir(path: str | Path, check_tokenizer: bool = True) -> dict:
 
 # --------------------------------------------------------------------------- loading
 
+def fuse_activations(model: nn.Module) -> int:
+    """Swap transformers' Python-level tanh-GELU modules (``NewGELUActivation``, GPT-2's ``gelu_new``, and
+    ``FastGELUActivation``: five elementwise ops forward, and their autograd backward) for the one
+    fused kernel computing the same function, ``F.gelu(approximate="tanh")`` (transformers' own
+    ``GELUTanh``, which its docs call equivalent up to rounding). In place, in memory only: a saved model
+    keeps its config and weights (activations hold none). Returns how many were swapped."""
+    from transformers import activations
+
+    slow = tuple(c for c in (getattr(activations, "NewGELUActivation", None),
+                             getattr(activations, "FastGELUActivation", None)) if c is not None)
+    fused = getattr(activations, "GELUTanh", None)
+    if not slow or fused is None:
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in slow:
+                setattr(parent, name, fused())
+                swapped += 1
+    return swapped
+
+
 def _ensure_pad_token(tokenizer) -> None:
     """Give a tokenizer without a pad token one (eos, else unk), in memory only."""
     if tokenizer.pad_token is None:
