@@ -17,12 +17,14 @@ blocking I/O: callers run it in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import logging
 from functools import lru_cache
 
 from celery import Celery
 
 from .config import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["celery_config", "make_celery", "enqueue_job", "enqueue_jobs", "RUN_JOB_TASK"]
 
@@ -82,17 +84,39 @@ def enqueue_job(job_id: str) -> None:
 
 
 def enqueue_jobs(job_ids: list[str]) -> dict[str, Exception]:
-    """Publish one message per job on one pooled producer, as one batch where the broker's transport
-    supports it (kombu's ``Producer.batch``: on Redis one pipelined round trip for the lot, instead of
-    a round trip and a client object per message); {job id: error} for those that failed. A batch
-    that could not be sent fails every job of it."""
-    celery, queue = _publisher(), get_settings().queue
+    """Publish one message per job on one pooled producer; {job id: error} for those that failed.
+
+    As one batch where the broker's transport supports it (kombu's ``Producer.batch``: on Redis one
+    pipelined round trip for the lot, instead of a round trip and a client object per message). A
+    batch is sent without Celery's publish retries, so if it fails the jobs are published again one
+    by one, with them; a message the failed batch did deliver then arrives twice, which the worker's
+    lease absorbs (the second copy finds the job claimed), as it does the reconciler's re-sends."""
+    if len(job_ids) > 1:
+        try:
+            celery, queue = _publisher(), get_settings().queue
+            with celery.producer_or_acquire() as producer:
+                if hasattr(producer, "batch"):
+                    with producer.batch(max_size=2 * len(job_ids) + 8):  # flushed on a clean exit
+                        for job_id in job_ids:
+                            celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, producer=producer)
+                    return {}
+        except Exception as exc:  # noqa: BLE001 - retried one by one below
+            log.warning("publishing %d jobs as one batch failed (%s); publishing them one by one", len(job_ids), exc)
+    return _enqueue_one_by_one(job_ids)
+
+
+def _enqueue_one_by_one(job_ids: list[str]) -> dict[str, Exception]:
+    celery, queue, failed = _publisher(), get_settings().queue, {}
     try:
         with celery.producer_or_acquire() as producer:
-            batch = producer.batch(max_size=2 * len(job_ids) + 8) if hasattr(producer, "batch") else nullcontext()
-            with batch:  # flushed on a clean exit; discarded if a publish raised
-                for job_id in job_ids:
+            for job_id in job_ids:
+                if failed:  # the broker refused one (after its retries): don't wait on it again for each
+                    failed[job_id] = next(iter(failed.values()))
+                    continue
+                try:
                     celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, producer=producer)
-    except Exception as exc:  # noqa: BLE001 - the broker refused the batch, or is down: each job hears of it
-        return {job_id: exc for job_id in job_ids}
-    return {}
+                except Exception as exc:  # noqa: BLE001 - each job hears of its own failure
+                    failed[job_id] = exc
+    except Exception as exc:  # noqa: BLE001 - no producer (the broker is down): every job failed
+        return {job_id: failed.get(job_id, exc) for job_id in job_ids}
+    return failed
