@@ -22,10 +22,26 @@ def oai(api_url, api_key) -> openai.OpenAI:
     return openai.OpenAI(base_url=api_url + "/v1", api_key=api_key, max_retries=0, timeout=120)
 
 
+# Prompts that stop mid-sentence. The student is trained for one epoch, and its greedy answer to a
+# full phrase ("the cat") can be just ". <eos>". Which prompt it continues at length shifts with any
+# change in training numerics, so the streaming test takes the first one that gets 3+ words.
+LONG_PROMPTS = ["these red children quickly chase", "some robots follow", "the birds like the", "a teacher chases every",
+                PROMPT]
+
+
+def _long_answer(oai, lm, **options):
+    for prompt in LONG_PROMPTS:
+        whole = oai.completions.create(model=lm, prompt=prompt, **options)
+        if len(whole.choices[0].text.split()) >= 3:
+            return prompt, whole
+    pytest.fail(f"no prompt of {LONG_PROMPTS} gets a greedy answer of 3 words or more")
+
+
 @pytest.mark.parametrize("with_stop", [False, True])
 def test_streamed_completion_adds_up_to_the_unstreamed_one(oai, lm, with_stop):
-    options = dict(model=lm, prompt=PROMPT, max_tokens=10, temperature=0, seed=3)
-    whole = oai.completions.create(**options)
+    options = dict(max_tokens=10, temperature=0, seed=3)
+    prompt, whole = _long_answer(oai, lm, **options)
+    options.update(model=lm, prompt=prompt)
     if with_stop:  # stop at the last word of the unstopped answer (the generation continues past it)
         words = whole.choices[0].text.split()
         assert len(words) >= 3, whole.choices[0].text
