@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 import _summary  # noqa: E402
-from bench_predict import free_port, start, stop, wait_healthy  # noqa: E402
+from bench_predict import free_port, start, stop, upload_files, wait_healthy  # noqa: E402
 
 PG = {"host": os.environ.get("DISTILL_TEST_PG_HOST", "127.0.0.1"), "user": os.environ.get("DISTILL_TEST_PG_USER",
                                                                                             "postgres")}
@@ -97,13 +97,7 @@ class Variant:
         self.key = json.loads(out)["key"]
         with self.api() as url, httpx.Client(base_url=url + "/v1", timeout=60,
                                              headers={"Authorization": f"Bearer {self.key}"}) as http:
-            ids = {}
-            for name, path, purpose in (("teacher", problem.teacher, "model"), ("train", problem.train_csv,
-                                                                                "dataset")):
-                with open(path, "rb") as handle:
-                    response = http.post("/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
-                assert response.status_code == 201, response.text
-                ids[name] = response.json()["id"]
+            ids = upload_files(http, {"teacher": (problem.teacher, "model"), "train": (problem.train_csv, "dataset")})
         self.body = json.dumps({"task": "classification", "teacher": {"file_id": ids["teacher"]},
                                 "student": {"architecture": {"kind": "mlp", "hidden_dims": [16]}},
                                 "training_file": ids["train"], "hyperparameters": {"epochs": 1}}).encode()

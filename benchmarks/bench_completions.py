@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 import _summary  # noqa: E402
-from bench_predict import free_port, migrate_and_create_key, start, stop, wait_healthy  # noqa: E402
+from bench_predict import free_port, migrate_and_create_key, start, stop, train_on_stack, wait_healthy  # noqa: E402
 
 
 def build_teacher(folder: Path, vocab: int, layers: int, width: int) -> tuple[Path, Path, list[str]]:
@@ -63,40 +63,13 @@ def train_student(env: dict, scratch: Path, args) -> tuple[str, str, list[str]]:
     """(model id, API key, words): a student derived from the teacher's first layers, trained 1 epoch."""
     key = migrate_and_create_key(env)
     archive, train, words = build_teacher(scratch / "problem", args.vocab, args.teacher_layers, args.width)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    api = start([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-                env, ROOT, scratch / "train-api.log")
-    worker = start([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-                    "--concurrency", "1"], env, ROOT, scratch / "worker.log")
-    try:
-        wait_healthy(url, api, scratch / "train-api.log")
-        with httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
-            ids = {}
-            for name, path, purpose in (("teacher", archive, "model"), ("train", train, "dataset")):
-                with open(path, "rb") as handle:
-                    response = http.post("/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
-                assert response.status_code == 201, response.text
-                ids[name] = response.json()["id"]
-            body = {"task": "causal_lm", "teacher": {"file_id": ids["teacher"]},
-                    "student": {"derive": {"num_layers": args.student_layers}}, "training_file": ids["train"],
-                    "hyperparameters": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-4},
-                    "data": {"max_length": 48}}
-            response = http.post("/distillation/jobs", json=body)
-            assert response.status_code in (200, 201, 202), response.text
-            job = response.json()
-            deadline = time.monotonic() + 600
-            while job["status"] not in ("succeeded", "failed", "cancelled"):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"the training job did not finish; see {scratch}/worker.log")
-                time.sleep(0.5)
-                job = http.get(f"/distillation/jobs/{job['id']}").json()
-            if job["status"] != "succeeded":
-                raise SystemExit(f"the training job {job['status']}: {job['error']}")
-            return job["result_model_id"], key, words
-    finally:
-        stop(worker)
-        stop(api)
+    model_id = train_on_stack(
+        env, scratch, key, {"teacher": (archive, "model"), "train": (train, "dataset")},
+        lambda ids: {"task": "causal_lm", "teacher": {"file_id": ids["teacher"]},
+                     "student": {"derive": {"num_layers": args.student_layers}}, "training_file": ids["train"],
+                     "hyperparameters": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-4},
+                     "data": {"max_length": 48}}, 600)
+    return model_id, key, words
 
 
 async def _post(reader, writer, host: str, key: str, body: bytes) -> tuple[int, bytes]:

@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import psutil
@@ -118,12 +119,21 @@ def migrate_and_create_key(env: dict) -> str:
     return json.loads(key)["key"]
 
 
-def train_model(env: dict, scratch: Path, hidden: list[int]) -> tuple[str, list[list[float]], str]:
-    """(model id, rows to send, API key): a 1-epoch MLP student trained by a real worker."""
-    from tests.factories import make_problem
+def upload_files(http: httpx.Client, files: dict[str, tuple[Path, str]]) -> dict[str, str]:
+    """Upload {name: (path, purpose)}; {name: file id}."""
+    ids = {}
+    for name, (path, purpose) in files.items():
+        with open(path, "rb") as handle:
+            response = http.post("/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
+        assert response.status_code == 201, response.text
+        ids[name] = response.json()["id"]
+    return ids
 
-    key = migrate_and_create_key(env)
-    problem = make_problem(scratch / "problem")
+
+def train_on_stack(env: dict, scratch: Path, key: str, files: dict[str, tuple[Path, str]],
+                   body: Callable[[dict[str, str]], dict], timeout_s: float) -> str:
+    """Start an API and one worker, upload ``files``, submit ``body(file ids)``, wait for the job and stop
+    both: the finished model's id (SystemExit naming the worker log if the job fails or times out)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     api = start([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
@@ -132,18 +142,11 @@ def train_model(env: dict, scratch: Path, hidden: list[int]) -> tuple[str, list[
                     "--concurrency", "1"], env, ROOT, scratch / "worker.log")
     try:
         wait_healthy(url, api, scratch / "train-api.log")
-        with httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {key}"}, timeout=60) as http:
-            ids = {}
-            for name, path, purpose in (("teacher", problem.teacher, "model"), ("train", problem.train_csv, "dataset")):
-                with open(path, "rb") as handle:
-                    response = http.post("/files", files={"file": (path.name, handle)}, data={"purpose": purpose})
-                assert response.status_code == 201, response.text
-                ids[name] = response.json()["id"]
-            body = {"task": "classification", "teacher": {"file_id": ids["teacher"]},
-                    "student": {"architecture": {"kind": "mlp", "hidden_dims": hidden}},
-                    "training_file": ids["train"], "hyperparameters": {"epochs": 1, "batch_size": 32}}
-            job = http.post("/distillation/jobs", json=body).json()
-            deadline = time.monotonic() + 300
+        with httpx.Client(base_url=url + "/v1", headers={"Authorization": f"Bearer {key}"}, timeout=120) as http:
+            response = http.post("/distillation/jobs", json=body(upload_files(http, files)))
+            assert response.status_code in (200, 201, 202), response.text
+            job = response.json()
+            deadline = time.monotonic() + timeout_s
             while job["status"] not in ("succeeded", "failed", "cancelled"):
                 if time.monotonic() > deadline:
                     raise SystemExit(f"the training job did not finish; see {scratch}/worker.log")
@@ -151,10 +154,24 @@ def train_model(env: dict, scratch: Path, hidden: list[int]) -> tuple[str, list[
                 job = http.get(f"/distillation/jobs/{job['id']}").json()
             if job["status"] != "succeeded":
                 raise SystemExit(f"the training job {job['status']}: {job['error']}")
-            return job["result_model_id"], problem.val_x[:256].tolist(), key
+            return job["result_model_id"]
     finally:
         stop(worker)
         stop(api)
+
+
+def train_model(env: dict, scratch: Path, hidden: list[int]) -> tuple[str, list[list[float]], str]:
+    """(model id, rows to send, API key): a 1-epoch MLP student trained by a real worker."""
+    from tests.factories import make_problem
+
+    key = migrate_and_create_key(env)
+    problem = make_problem(scratch / "problem")
+    model_id = train_on_stack(
+        env, scratch, key, {"teacher": (problem.teacher, "model"), "train": (problem.train_csv, "dataset")},
+        lambda ids: {"task": "classification", "teacher": {"file_id": ids["teacher"]},
+                     "student": {"architecture": {"kind": "mlp", "hidden_dims": hidden}},
+                     "training_file": ids["train"], "hyperparameters": {"epochs": 1, "batch_size": 32}}, 300)
+    return model_id, problem.val_x[:256].tolist(), key
 
 
 async def _post(reader, writer, host: str, path: str, key: str, body: bytes) -> tuple[int, bytes]:
