@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     """Seconds an API process keeps a valid key's tenant in memory (0 = look it up on every request). A revoke
     by the admin CLI or any process sharing the artifacts folder is seen at the next request (a marker file);
     by a process on another machine with its own artifacts folder, within this long."""
+    file_cache_s: float = 5.0
+    """Seconds an API process keeps what a submit checks of an uploaded file (its purpose, kind, details and
+    storage key: fixed at upload) in memory (0 = read it on every submit). A delete by any process sharing the
+    artifacts folder is seen at the next submit (a marker file); by a process on another machine, within this long
+    (a job submitted in between fails when its worker finds the file gone)."""
     served_model_cache_s: float = 5.0
     """Seconds an API process keeps a (tenant, model id) -> model record answer for /predict (0 = off). A deleted
     model is never served: each batch checks that its weights are still in storage."""

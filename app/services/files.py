@@ -23,7 +23,7 @@ from .. import storage_keys
 from ..storage import TooLarge, get_storage, work_root
 from ..tables import FileRecord, new_id
 from .common import is_id, paginate, shown_id
-from .references import active_job_referencing
+from .references import active_job_referencing, forget_file
 
 
 
@@ -199,4 +199,5 @@ def delete_file(session: Session, tenant: str, file_id: str) -> None:
                        param="file_id")
     session.delete(record)
     session.flush()
+    forget_file(session, tenant, file_id)  # no submit may pass its checks on a cached copy
     get_storage().delete(storage_keys.file_folder(file_id))

@@ -1,25 +1,29 @@
 """Resolve the model and file references of a job spec (``file_id``, ``model_id``,
 ``path``) to what they hold and where it lies. Used at submit time to check a spec and
-by the worker to hand the engine local paths. A submit first loads every file it names in one
-query (:func:`prefetch_files`); the lookups then answer from the session."""
+by the worker to hand the engine local paths. A submit first looks up every file it names
+(:func:`prefetch_files`): from this process's cache of file metadata, which an upload fixes for the
+file's life, else in one query; the lookups then answer from the session. A delete empties the
+caches (:func:`forget_file`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session
 
 from distill.errors import ModelFormatError
 from distill.kinds import ModelKind, get_kind, kind_of_path
 
 from .. import storage_keys
-from ..config import get_settings
+from ..config import Settings, get_settings
 from ..errors import Unprocessable
 from ..storage import get_storage
 from ..tables import FileRecord, Job, ModelRecord
 from .common import is_id, shown_id
+from .hot_cache import TtlCache, bump_marker
 
 
 @dataclass
@@ -74,15 +78,16 @@ def _server_path(raw: str, param: str) -> ModelRef:
 def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> ModelRef:
     """``ref`` is {"file_id"} | {"model_id"} | {"path"}; 422 naming ``param`` if it doesn't resolve."""
     if ref.get("file_id"):
-        record = session.get(FileRecord, ref["file_id"]) if is_id(ref["file_id"]) else None
-        if record is None or record.tenant_id != tenant:
+        record = _file(session, tenant, ref["file_id"])
+        if record is None:
             raise Unprocessable(f"no file with id {shown_id(ref['file_id'])}", param=f"{param}.file_id")
         if record.purpose != "model":
             raise Unprocessable(f"file {ref['file_id']!r} has purpose {record.purpose!r}, not 'model'",
                                 param=f"{param}.file_id")
         # an uploaded HF archive is served from its unpacked folder (a storage key recorded at upload)
-        key = record.details.get("model_dir") or record.storage_key
-        return ModelRef(record.kind or "mlp", record.details, get_storage().local_path(key))
+        path = record.local_path if isinstance(record, FileInfo) else \
+            get_storage().local_path(record.details.get("model_dir") or record.storage_key)
+        return ModelRef(record.kind or "mlp", record.details, path)
     if ref.get("model_id"):
         model = session.get(ModelRecord, ref["model_id"]) if is_id(ref["model_id"]) else None
         if model is None or model.tenant_id != tenant:
@@ -93,19 +98,76 @@ def resolve_model(session: Session, tenant: str, ref: dict, param: str) -> Model
     raise Unprocessable("give exactly one of file_id, model_id or path", param=param)
 
 
+@dataclass(frozen=True)
+class FileInfo:
+    """What a submit checks of an uploaded file: fields set at upload and never changed (a copy, safe
+    to share between requests and threads)."""
+
+    id: str
+    tenant_id: str
+    purpose: str
+    kind: str | None
+    details: dict
+    storage_key: str
+
+    @cached_property
+    def local_path(self) -> Path:  # the model file, or an uploaded archive's unpacked folder
+        return get_storage().local_path(self.details.get("model_dir") or self.storage_key)
+
+
+_cache: tuple[Settings, TtlCache] | None = None
+
+
+def _file_cache() -> TtlCache:
+    """(tenant, file id) -> :class:`FileInfo`, made anew when the settings are (tests reload them)."""
+    global _cache
+    settings = get_settings()
+    if _cache is None or _cache[0] is not settings:
+        marker = Path(settings.artifacts_dir).resolve() / ".invalidate" / "files"
+        _cache = (settings, TtlCache(settings.file_cache_s, marker=marker))
+    return _cache[1]
+
+
+def forget_file(session: Session, tenant: str, file_id: str) -> None:
+    """A file is being deleted in ``session``: this process forgets it now, every process sharing the
+    artifacts folder once the delete commits (see ``hot_cache``)."""
+    cache = _file_cache()
+    cache.discard(lambda key: key == (tenant, file_id))
+    event.listen(session, "after_commit", lambda _session: (cache.clear(), bump_marker(cache.marker)), once=True)
+
+
 def prefetch_files(session: Session, tenant: str, file_ids: list[str]) -> None:
-    """Load the tenant's files among ``file_ids`` in one query, into the session's identity map, so the
-    ``resolve_*`` calls that follow (``session.get``) answer from memory instead of one query each."""
+    """Look up the tenant's files among ``file_ids``: from the cache, the rest in one query; kept in the
+    session (``session.info``), where the ``resolve_*`` calls that follow find them."""
     wanted = sorted({i for i in file_ids if is_id(i)})
-    if wanted:
-        # held by the session: its identity map keeps objects only while something references them
-        session.info["prefetched_files"] = session.scalars(
-            select(FileRecord).where(FileRecord.id.in_(wanted), FileRecord.tenant_id == tenant)).all()
+    cache = _file_cache()
+    found = {file_id: info for file_id in wanted if (info := cache.get((tenant, file_id))) is not None}
+    missing = [file_id for file_id in wanted if file_id not in found]
+    if missing:
+        generation = cache.generation()
+        for record in session.scalars(select(FileRecord).where(FileRecord.id.in_(missing),
+                                                               FileRecord.tenant_id == tenant)):
+            info = FileInfo(record.id, record.tenant_id, record.purpose, record.kind, record.details,
+                            record.storage_key)
+            found[record.id] = info
+            cache.put((tenant, record.id), info, generation=generation)
+    session.info["files"] = found
 
 
-def resolve_dataset(session: Session, tenant: str, file_id: str, param: str) -> FileRecord:
-    record = session.get(FileRecord, file_id) if is_id(file_id) else None
-    if record is None or record.tenant_id != tenant:
+def _file(session: Session, tenant: str, file_id: str) -> FileInfo | FileRecord | None:
+    """The tenant's file ``file_id`` as prefetched, else from the database; None if it has no such file."""
+    if not is_id(file_id):
+        return None
+    prefetched = session.info.get("files")
+    if prefetched is not None and file_id in prefetched:
+        return prefetched[file_id]
+    record = session.get(FileRecord, file_id)
+    return record if record is not None and record.tenant_id == tenant else None
+
+
+def resolve_dataset(session: Session, tenant: str, file_id: str, param: str) -> FileInfo | FileRecord:
+    record = _file(session, tenant, file_id)
+    if record is None:
         raise Unprocessable(f"no file with id {shown_id(file_id)}", param=param)
     if record.purpose != "dataset":
         raise Unprocessable(f"file {file_id!r} has purpose {record.purpose!r}, not 'dataset'", param=param)

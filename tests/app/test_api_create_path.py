@@ -5,7 +5,9 @@ a consistent state when the publish fails. Real PostgreSQL, real Redis, real HTT
 - a submit publishes exactly one message (a replayed Idempotency-Key none), naming its job;
 - in one API process (``TestClient`` in a subprocess with the service's settings): a submit commits
   once (twice with an Idempotency-Key: the claim, then the job with its recorded response), reads
-  every file it names in one query, and a GET is one query (the job with its queue position);
+  the files it names in one query the first time and from the process's cache after, and a GET is
+  one statement in autocommit (the job with its queue position);
+- a file deleted by another process is not taken from that cache;
 - queue positions are consecutive for jobs submitted one after the other;
 - a submit whose publish fails: 503, the job is ``failed`` with ``queue_unavailable`` and both
   events, and the Idempotency-Key is free again (a retry is not a replay of a 201 nobody got).
@@ -67,10 +69,12 @@ def quiet_stack(service_env, problem, tmp_path_factory):
     """An API of its own on a queue no worker reads (jobs stay queued, messages stay in Redis), a tenant
     of its own, and its teacher and training set uploaded."""
     with Stack(service_env, tmp_path_factory.mktemp("create-path-logs")) as stack:
-        key = create_api_key(service_env, f"create-path-{uuid.uuid4().hex[:8]}")["key"]
+        tenant = f"create-path-{uuid.uuid4().hex[:8]}"
+        key = create_api_key(service_env, tenant)["key"]
         with httpx.Client(base_url=stack.url + "/v1", headers=bearer(key), timeout=60) as http:
             teacher, training = upload(http, problem.teacher, "model"), upload(http, problem.train_csv, "dataset")
-            yield {"stack": stack, "client": http, "key": key, "body": job_body(teacher["id"], training["id"], epochs=1)}
+            yield {"stack": stack, "client": http, "key": key, "tenant": tenant,
+                   "body": job_body(teacher["id"], training["id"], epochs=1)}
             for job in http.get("/distillation/jobs", params={"limit": 100}).json()["data"]:
                 http.post(f"/distillation/jobs/{job['id']}/cancel")
 
@@ -114,24 +118,64 @@ def test_queue_positions_are_consecutive_and_a_get_agrees_with_the_listing(quiet
     assert http.get(f"/distillation/jobs/{second['id']}").json()["queue_position"] == listed[first["id"]]
 
 
+def test_the_hot_paths_answer_as_the_full_routes(quiet_stack, service_env):
+    """A create and a GET from a key the API process has not seen take the full FastAPI routes (which
+    authenticate it); the same requests again take the hot paths (``api.hot``). Same answers; and a
+    hot path hands what it does not handle (an unknown or another tenant's job, an invalid body) to
+    the full route's documented error."""
+    base, env = quiet_stack["stack"].url + "/v1", quiet_stack["stack"].env
+
+    def fresh_client() -> httpx.Client:  # a key of the fixture's tenant that this API process never saw
+        return httpx.Client(base_url=base, headers=bearer(create_api_key(env, quiet_stack["tenant"])["key"]),
+                            timeout=60)
+
+    with fresh_client() as http:
+        full = http.post("/distillation/jobs", json=quiet_stack["body"])
+        hot = http.post("/distillation/jobs", json=quiet_stack["body"])
+    assert full.status_code == hot.status_code == 201, (full.text, hot.text)
+    assert full.headers["content-type"] == hot.headers["content-type"] == "application/json"
+    full, hot = full.json(), hot.json()
+    assert hot["queue_position"] == full["queue_position"] + 1
+    differ = {"id", "created_at", "queue_position"}
+    assert {k: v for k, v in hot.items() if k not in differ} == {k: v for k, v in full.items() if k not in differ}
+    with fresh_client() as http:
+        read_full, read_hot = (http.get(f"/distillation/jobs/{full['id']}") for _ in range(2))
+        assert read_full.status_code == read_hot.status_code == 200
+        assert read_full.content == read_hot.content  # byte for byte
+        assert read_hot.json() == full  # what the create answered, still queued at the same place
+        missing = http.get("/distillation/jobs/job-doesnotexist")
+        assert missing.status_code == 404 and missing.json()["param"] == "job_id", missing.text
+        invalid = http.post("/distillation/jobs", json={**quiet_stack["body"], "hyperparameters": {"epochs": 0}})
+        assert invalid.status_code == 422 and "epochs" in invalid.json()["param"], invalid.text
+    other_tenant = create_api_key(env, f"other-{uuid.uuid4().hex[:8]}")["key"]
+    with httpx.Client(base_url=base, headers=bearer(other_tenant), timeout=60) as http:
+        for _ in range(2):  # the second time with its key cached: the hot path
+            theirs = http.get(f"/distillation/jobs/{full['id']}")
+            assert theirs.status_code == 404 and theirs.json()["param"] == "job_id", theirs.text
+
+
 COUNT_SCRIPT = r'''
 import json, sys, uuid
 from fastapi.testclient import TestClient
 from sqlalchemy import event
 from app.main import app
 from app.db import get_engine
+import app.services.jobs as jobs_service
 
 key, body = sys.argv[1], sys.argv[2]
 statements, commits = [], []
 engine = get_engine()
 event.listen(engine, "before_cursor_execute", lambda conn, cursor, sql, *rest: statements.append(sql))
 event.listen(engine, "commit", lambda conn: commits.append(1))
+read_row = jobs_service.read_row  # a GET's one statement goes straight to the driver (autocommit): counted here
+jobs_service.read_row = lambda statement, params: statements.append("READ_ROW " + str(statement)) or read_row(
+    statement, params)
 out = {}
 with TestClient(app) as http:
     headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
-    # warm: the API key is looked up once, expired idempotency keys are swept (once a minute)
-    http.post("/v1/distillation/jobs", content=body, headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
-    for name, extra in (("plain", {}), ("keyed", {"Idempotency-Key": str(uuid.uuid4())})):
+    # warm: the API key is looked up once, expired idempotency keys are swept (once a minute), the files are read
+    for name, extra in (("warm", {"Idempotency-Key": str(uuid.uuid4())}), ("plain", {}),
+                        ("keyed", {"Idempotency-Key": str(uuid.uuid4())})):
         statements.clear(); commits.clear()
         created = http.post("/v1/distillation/jobs", content=body, headers={**headers, **extra})
         assert created.status_code == 201, created.text
@@ -144,19 +188,64 @@ print("RESULT " + json.dumps(out))
 '''
 
 
-def test_a_submit_is_one_transaction_reading_its_files_in_one_query(quiet_stack):
+def test_a_submit_is_one_transaction_and_reads_its_files_once_per_process(quiet_stack):
     env = quiet_stack["stack"].env
     result = subprocess.run([sys.executable, "-c", COUNT_SCRIPT, quiet_stack["key"], json.dumps(quiet_stack["body"])],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    plain, keyed, get = counts["plain"], counts["keyed"], counts["get"]
+    warm, plain, keyed, get = counts["warm"], counts["plain"], counts["keyed"], counts["get"]
     assert plain["commits"] == 1 and keyed["commits"] == 2, (plain, keyed)
+    # the first submit reads the files it names in one query; later ones find them in the process's cache
+    assert sum("FROM files" in s for s in warm["statements"]) == 1, warm["statements"]
     for create in (plain, keyed):
-        assert sum("FROM files" in s for s in create["statements"]) == 1, create["statements"]
+        assert not any("FROM files" in s for s in create["statements"]), create["statements"]
         assert sum(s.startswith("INSERT INTO jobs") for s in create["statements"]) == 1
+        assert sum(s.startswith("INSERT INTO job_events") for s in create["statements"]) == 1
         assert any("pg_advisory_xact_lock" in s for s in create["statements"])  # the quota is still locked
-    assert len(get["statements"]) == 1 and get["commits"] <= 1, get
+    # a GET is one statement in autocommit: no transaction to commit
+    assert len(get["statements"]) == 1 and get["statements"][0].startswith("READ_ROW"), get
+    assert get["commits"] == 0, get
+
+
+CACHED_SUBMIT_SCRIPT = r'''
+import json, sys
+from fastapi.testclient import TestClient
+from app.main import app
+
+key, body = sys.argv[1], sys.argv[2]
+with TestClient(app) as http:
+    headers = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+    first = http.post("/v1/distillation/jobs", content=body, headers=headers)
+    print("FIRST " + json.dumps({"status": first.status_code, "body": first.json()}), flush=True)
+    sys.stdin.readline()  # the file is deleted by another process meanwhile
+    second = http.post("/v1/distillation/jobs", content=body, headers=headers)
+    print("SECOND " + json.dumps({"status": second.status_code, "body": second.json()}), flush=True)
+'''
+
+
+def test_a_file_deleted_by_another_process_is_not_taken_from_the_cache(quiet_stack, problem):
+    """An API process that checked a submit against a file keeps the file's metadata; when another
+    process deletes the file, the next submit naming it is refused at once (the marker file), not
+    after the cache's TTL (made long here, so that only the marker can explain the refusal)."""
+    http = quiet_stack["client"]
+    teacher, training = upload(http, problem.teacher, "model"), upload(http, problem.train_csv, "dataset")
+    body = json.dumps(job_body(teacher["id"], training["id"], epochs=1))
+    env = {**quiet_stack["stack"].env, "DISTILL_FILE_CACHE_S": "3600"}
+    other = subprocess.Popen([sys.executable, "-c", CACHED_SUBMIT_SCRIPT, quiet_stack["key"], body], cwd=ROOT,
+                             env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(other.stdout.readline().removeprefix("FIRST "))
+        assert first["status"] == 201, first
+        assert http.post(f"/distillation/jobs/{first['body']['id']}/cancel").status_code == 200
+        assert http.delete(f"/files/{training['id']}").status_code == 200  # by the Stack's API process
+        other.stdin.write("go\n")
+        other.stdin.flush()
+        second = json.loads(other.stdout.readline().removeprefix("SECOND "))
+    finally:
+        out, err = other.communicate(timeout=60)
+    assert second["status"] == 422, (second, err[-2000:])
+    assert second["body"]["param"] == "training_file" and "no file" in second["body"]["detail"]
 
 
 def test_a_submit_whose_publish_fails_leaves_a_failed_job_and_a_free_key(service_env, problem, tmp_path):

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import json
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from ...openapi import errors, event_stream
 from ...schemas import (Deleted, EstimatePublic, JobCreate, JobEventPublic, JobEventsPublic, JobPublic, JobsPublic,
@@ -16,7 +17,9 @@ from ...services import jobs as service
 from ...services.common import job_public, page, unix
 from ...services.event_stream import stream_events
 from ...tables import JobEvent
+from ...errors import NotFound
 from ..deps import CurrentTenant, IdempotencyKeyHeader, RequestSha256, SessionDep
+from ..hot import cached_request_tenant, hot_path_route, is_json
 from ..params import Cursor, JobId
 
 router = APIRouter(prefix="/distillation/jobs", tags=["distillation jobs"])
@@ -30,9 +33,34 @@ def public_event(event: JobEvent) -> JobEventPublic:
                           data=event.data)
 
 
-@router.post("", status_code=201, response_model=JobPublic, responses=errors(400, 409, 429, 503))
+def job_response(job: JobPublic, status_code: int = 200) -> Response:
+    """A job's JSON, written once: validating our own JobPublic again as the response model (what
+    FastAPI does with a returned model) cost a tenth of a GET's CPU (issue 9). Same bytes."""
+    return Response(job.model_dump_json(), status_code=status_code, media_type="application/json")
+
+
+async def _create_job_hot_path(request: Request) -> Response | None:
+    """A submit from a client whose API key this process has cached, without an Idempotency-Key (a keyed
+    submit takes the full route, which claims the key), whose body is a valid JobCreate; anything else
+    goes to :func:`create_job`, which answers it the same way or with the documented error. Checked
+    and queued like there: :func:`services.jobs.prepare_job` in a worker thread (a 422 or 429 raised
+    here, as there), then the tenant's next batch."""
+    if not is_json(request) or idempotency.HEADER in request.headers:
+        return None
+    tenant = cached_request_tenant(request)
+    if tenant is None:
+        return None
+    raw = await request.body()  # a body too large or a client gone: raised here as in the full route
+    try:
+        body = JobCreate.model_validate(json.loads(raw))  # as FastAPI parses a body: json.loads, then the model
+    except Exception:  # noqa: BLE001 - invalid in any way: the full route's 422 names the field
+        return None
+    job = await run_in_threadpool(service.prepare_new_job, tenant, body)
+    return job_response(await service.submit_job(job, None), 201)
+
+
 async def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, request_sha256: RequestSha256,
-                     idempotency_key: IdempotencyKeyHeader = None) -> JobPublic:
+                     idempotency_key: IdempotencyKeyHeader = None) -> Response:
     """Submit a job; it is checked against its files now and queued for a worker. 429 when the tenant
     already has DISTILL_TENANT_MAX_RUNNING_JOBS queued or running; ``Idempotency-Key`` makes retries safe."""
     # The database work runs in worker threads; waiting for the tenant's batch (services.jobs.submit_job)
@@ -43,11 +71,15 @@ async def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate
             return earlier
     try:
         job = await run_in_threadpool(service.prepare_job, session, tenant, body)
-        return await service.submit_job(job, idempotency_key)
+        return job_response(await service.submit_job(job, idempotency_key), 201)
     except Exception:  # not on cancellation: a job its batch still commits keeps its key (and its replay)
         if idempotency_key is not None:
             await run_in_threadpool(idempotency.forget, session, tenant, idempotency_key)
         raise
+
+
+router.add_api_route("", create_job, methods=["POST"], status_code=201, response_model=JobPublic,
+                     responses=errors(400, 409, 429, 503), route_class_override=hot_path_route(_create_job_hot_path))
 
 
 @router.post("/estimate", response_model=EstimatePublic, responses=errors(400))
@@ -66,11 +98,26 @@ def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | No
     return JobsPublic(**page(data, has_more))
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
-def get_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
-    job, position = service.get_job_with_position(session, tenant, job_id)  # one query
-    session.close()  # a read: ended here, in this thread, so the session dependency has nothing left to do
-    return public(job, position)
+async def _get_job_hot_path(request: Request) -> Response | None:
+    """A GET from a client whose API key this process has cached; anything else (and a job not found)
+    goes to :func:`get_job`, which answers it the same way or with the documented error."""
+    tenant = cached_request_tenant(request)
+    if tenant is None:
+        return None
+    try:
+        job, position = await run_in_threadpool(service.read_job_with_position, tenant, request.path_params["job_id"])
+    except NotFound:
+        return None
+    return job_response(public(job, position))
+
+
+async def get_job(tenant: CurrentTenant, job_id: JobId) -> Response:
+    job, position = await run_in_threadpool(service.read_job_with_position, tenant, job_id)  # one round trip
+    return job_response(public(job, position))
+
+
+router.add_api_route("/{job_id}", get_job, methods=["GET"], response_model=JobPublic, responses=errors(404),
+                     route_class_override=hot_path_route(_get_job_hot_path))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))

@@ -1,7 +1,7 @@
 """/v1/models: list, get, report, download, delete, and predict.
 
-POST /{model_id}/predict is the one hot route (issue 9: 32 concurrent one-row clients). Its
-FastAPI endpoint ``predict`` is the reference and handles every case; :class:`PredictRoute` puts
+POST /{model_id}/predict is a hot route (issue 9: 32 concurrent one-row clients). Its
+FastAPI endpoint ``predict`` is the reference and handles every case; ``api.hot.hot_path_route`` puts
 :func:`_predict_hot_path` in front of it, which answers a repeat client whose key and model this
 process has cached (``api_keys.tenant_of``, ``models.served_model``) without dependency solving
 and response-model validation, and hands anything else to the endpoint unchanged.
@@ -10,22 +10,21 @@ and response-model validation, and hands anything else to the endpoint unchanged
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Callable, Coroutine, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from fastapi.routing import APIRoute
 
 from ...openapi import HTML, errors
 from ...schemas import Deleted, ModelPublic, ModelsPublic, PredictRequest, PredictResponse
 from ...services import deletion, report
 from ...services import models as service
-from ...services.api_keys import cached_tenant
 from ...services.common import page, unix
 from ...services.hot_cache import single_flight
 from ...tables import ModelRecord
 from ..deps import CurrentTenant, SessionDep
+from ..hot import cached_request_tenant, hot_path_route, is_json
 from ..params import Cursor, ModelId
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -103,12 +102,12 @@ async def _predict_hot_path(request: Request) -> Response | None:
     its model are in this process's caches (so both were checked in the database moments ago) and its
     body is a valid PredictRequest. Anything else (None) takes the full route (``predict``), which
     answers the same request the same way, or with the documented error; an error of the prediction
-    itself (422, 503) is raised here as there. Parsing matches FastAPI's: json.loads, then the model."""
-    scheme, _, key = (request.headers.get("authorization") or "").partition(" ")
-    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-    if scheme.lower() != "bearer" or media_type != "application/json":
+    itself (422, 503) is raised here as there. Parsing matches FastAPI's: json.loads, then the model.
+    Per request it saves dependency solving, parameter and body validation through FastAPI's machinery
+    and the response model: about a quarter of the CPU a one-row prediction cost (profiled with py-spy)."""
+    if not is_json(request):
         return None
-    tenant = cached_tenant(key.strip())
+    tenant = cached_request_tenant(request)
     served = service.served_model(tenant, request.path_params.get("model_id", "")) if tenant else None
     if served is None:
         return None
@@ -120,22 +119,8 @@ async def _predict_hot_path(request: Request) -> Response | None:
     return _predictions_response(served, await service.predict_async(served, body.inputs))
 
 
-class PredictRoute(APIRoute):
-    """The /predict route with :func:`_predict_hot_path` in front of FastAPI's handler. Per request it
-    saves dependency solving, parameter and body validation through FastAPI's machinery and the
-    response model: about a quarter of the CPU a one-row prediction cost (profiled with py-spy)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        full = super().get_route_handler()
-
-        async def handler(request: Request) -> Response:
-            return await _predict_hot_path(request) or await full(request)
-
-        return handler
-
-
 router.add_api_route("/{model_id}/predict", predict, methods=["POST"], response_model=PredictResponse,
-                     responses=errors(400, 404, 503), route_class_override=PredictRoute)
+                     responses=errors(400, 404, 503), route_class_override=hot_path_route(_predict_hot_path))
 
 
 @router.delete("/{model_id}", response_model=Deleted, responses=errors(404, 409))
