@@ -90,6 +90,7 @@ def _freeze_startup_objects() -> None:
 
     gc.collect()
     gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 def create_app() -> FastAPI:

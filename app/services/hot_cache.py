@@ -120,6 +120,18 @@ class TtlCache:
             return None
         return entry[1]
 
+    def get_many(self, keys: list[Hashable]) -> dict[Hashable, Any]:
+        """{key: value} for those of ``keys`` held (one look at the marker for them all)."""
+        if self.ttl_s <= 0:
+            return {}
+        self.generation()
+        now, found = self._clock(), {}
+        for key in keys:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] > now:
+                found[key] = entry[1]
+        return found
+
     def put(self, key: Hashable, value: Any, generation: _Signature | Any = ...) -> None:
         """Keep ``value``; with ``generation`` (from :meth:`generation` before the lookup that
         produced it), only if the marker has not changed since."""

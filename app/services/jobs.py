@@ -7,16 +7,19 @@ A tenant's submits must be counted one after another against its job quota (unde
 until the commit), and a commit waits for the disk: one commit per submit would cap a tenant at a
 few hundred submits a second on a good disk and far fewer on a busy machine, and have every
 request wait in line. So a submit is checked in the request (:func:`prepare_job`: the files it
-names read in one query) and then joins its tenant's next batch (:func:`submit_job`, the micro-
-batcher of ``services.batching``, per process, no added wait): one transaction inserts the
-batch's jobs and first events under the quota lock, reads their queue positions, records their
-idempotent responses, commits once, and publishes each job once on one pooled producer. A job's
+names from the process's cache, else read in one query) and then joins its tenant's next batch
+(:func:`submit_job`, the micro-batcher of ``services.batching``, per process, no added wait): one
+transaction inserts the batch's jobs and first events under the quota lock, reads their queue
+positions, records their idempotent responses and commits once; then one thread publishes the
+batch (each job once, on one pooled producer) while the next batch's transaction runs. A job's
 place in the queue is a count over the index on (status, created_at, id) (migration 0006), read
 with the job itself in one query (one round trip) on a GET."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import lru_cache
@@ -41,7 +44,7 @@ from ..tables import Job, JobEvent, new_id, utcnow
 from . import idempotency, quotas, webhooks
 from .batching import MicroBatcher
 from .common import is_id, job_public, paginate
-from .references import ModelRef, prefetch_files, resolve_dataset, resolve_model
+from .references import ModelRef, cached_files, prefetch_files, resolve_dataset, resolve_model
 
 log = logging.getLogger(__name__)
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -304,6 +307,10 @@ def _referenced_file_ids(body: JobCreate) -> list[str]:
 def check_submission(session: Session, tenant: str, body: JobCreate) -> None:
     """The checks the files' metadata allows at submit time; the worker checks the data itself."""
     prefetch_files(session, tenant, _referenced_file_ids(body))  # one query; the resolves below read the session
+    _check_prefetched(session, tenant, body)
+
+
+def _check_prefetched(session: Session, tenant: str, body: JobCreate) -> None:
     teacher = _resolve_teachers(session, tenant, body)
     if body.task == "classification":
         _check_tabular(session, tenant, body, teacher)
@@ -321,6 +328,10 @@ def prepare_job(session: Session, tenant: str, body: JobCreate) -> Job:
     for its batch (:func:`submit_job`)."""
     check_submission(session, tenant, body)
     session.rollback()
+    return _new_job(tenant, body)
+
+
+def _new_job(tenant: str, body: JobCreate) -> Job:
     return Job(id=new_id("job"), tenant_id=tenant, status="queued", spec=body.model_dump(mode="json"),
                progress={"epoch": 0, "step": 0, "total_steps": 0}, metrics={}, result_files=[], attempts=0,
                cancel_requested=False)
@@ -333,6 +344,27 @@ def prepare_new_job(tenant: str, body: JobCreate) -> Job:
         return prepare_job(session, tenant, body)
     finally:
         session.close()
+
+
+def prepare_without_io(tenant: str, body: JobCreate) -> Job | None:
+    """:func:`prepare_job` when it needs neither the database nor the disk, so it may run on the event
+    loop: a tabular job whose files (teachers and data) this process has cached, where the checks are
+    arithmetic on their metadata (a few hundred microseconds; a trip through the thread pool cost more,
+    and waited behind the reads). None for any other job: prepare it in a worker thread."""
+    if body.task != "classification" or (body.teacher is None) == (body.teachers is None):
+        return None
+    if any(not ref.get("file_id") for _, ref, _ in body.teacher_refs()):
+        return None  # a finished model or a server path: read from the database or the disk
+    files = cached_files(tenant, _referenced_file_ids(body))
+    if files is None:
+        return None
+    session = new_session()  # opens no connection: the resolves below find every file in session.info
+    try:
+        session.info["files"] = files
+        _check_prefetched(session, tenant, body)
+    finally:
+        session.close()
+    return _new_job(tenant, body)
 
 
 @dataclass
@@ -356,19 +388,30 @@ def _submit_batcher() -> MicroBatcher:
 
 async def submit_job(job: Job, idempotency_key: str | None) -> JobPublic:
     """Queue a prepared job: it joins its tenant's next batch (:func:`_admit`), which inserts it,
-    counts it against the tenant's quota (429), records its idempotent response, commits and
-    publishes it. Returns its public form with its place in the queue."""
-    return await _submit_batcher().submit(job.tenant_id, [_Submit(job, idempotency_key)], _admit)
+    counts it against the tenant's quota (429), records its idempotent response and commits; then the
+    batch is published (:func:`_publish`). Returns its public form with its place in the queue, once
+    its message is with the broker (503 if the broker refused it: the job is then marked failed)."""
+    position, public, published = await _submit_batcher().submit(job.tenant_id, [_Submit(job, idempotency_key)],
+                                                                 _admit)
+    # shielded: a client that goes away must not cancel its batch's publish for the others
+    failed = await asyncio.shield(asyncio.wrap_future(published))
+    if job.id in failed:
+        raise failed[job.id]
+    return public or job_public(job, position)  # written here, in the request, not in the batch
 
 
-def _admit(batch: list[list[_Submit]]) -> list[JobPublic | Exception]:
+def _admit(batch: list[list[_Submit]]) -> list[tuple[int, JobPublic | None, Future] | Exception]:
     """One tenant's concurrent submits, in arrival order, as one transaction: under the tenant's
     quota lock, as many as the quota has room for are inserted with their first event, their queue
-    positions read and their idempotent responses recorded; one commit; then one publish each on
-    one producer. The rest get 429; a job whose publish failed is marked failed (503)."""
+    positions read and their idempotent responses recorded; one commit. The rest get 429. The
+    admitted jobs are handed to the publishing thread (:func:`_publish`) and the next batch starts:
+    the tenant's submits wait in line for the transaction only, not for the broker.
+
+    Per admitted job: (its place in the queue, its public form if it was written here for an
+    idempotent response, the future of its batch's publish)."""
     submits = [rows[0] for rows in batch]
     tenant, now = submits[0].job.tenant_id, utcnow()
-    results: dict[str, JobPublic | Exception] = {}
+    results: dict[str, tuple | Exception] = {}
     with session_scope() as session:
         active = quotas.lock_and_count_running_jobs(session, tenant)
         room = max(0, get_settings().tenant_max_running_jobs - active)
@@ -387,15 +430,34 @@ def _admit(batch: list[list[_Submit]]) -> list[JobPublic | Exception]:
                                                 "data": {"stage": "queued"}} for submit in admitted])
         # the batch is the queue's tail, in order: one count for its first job
         first = session.scalar(select(_position_of(admitted[0].job))) if admitted else 0
-        for i, submit in enumerate(admitted):
-            results[submit.job.id] = job_public(submit.job, first + i)
-        idempotency.record(session, tenant, [(submit.idempotency_key, 201, results[submit.job.id].model_dump(mode="json"))
+        keyed = {submit.job.id: job_public(submit.job, first + i) for i, submit in enumerate(admitted)
+                 if submit.idempotency_key is not None}
+        idempotency.record(session, tenant, [(submit.idempotency_key, 201, keyed[submit.job.id].model_dump(mode="json"))
                                              for submit in admitted if submit.idempotency_key is not None])
-    # committed: the worker must see the row before it sees the message
-    failed = enqueue_jobs([submit.job.id for submit in admitted]) if admitted else {}
-    for job_id, exc in failed.items():
-        results[job_id] = _publish_failed(job_id, exc)
+    if admitted:
+        # committed: the worker must see the row before it sees the message
+        published = _publisher().submit(_publish, [submit.job.id for submit in admitted])
+        for i, submit in enumerate(admitted):
+            results[submit.job.id] = (first + i, keyed.get(submit.job.id), published)
     return [results[submit.job.id] for submit in submits]
+
+
+_publishing: ThreadPoolExecutor | None = None
+
+
+def _publisher() -> ThreadPoolExecutor:
+    """One thread publishes the committed batches, one after the other: the broker gets them in the
+    order they were committed (FIFO), while the next batch's transaction runs."""
+    global _publishing
+    if _publishing is None:
+        _publishing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="publish")
+    return _publishing
+
+
+def _publish(job_ids: list[str]) -> dict[str, Exception]:
+    """Publish a committed batch; {job id: the 503 to answer} for each job the broker refused, which is
+    marked failed first."""
+    return {job_id: _publish_failed(job_id, exc) for job_id, exc in enqueue_jobs(job_ids).items()}
 
 
 def _row(job: Job) -> dict:

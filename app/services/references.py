@@ -141,7 +141,8 @@ def prefetch_files(session: Session, tenant: str, file_ids: list[str]) -> None:
     session (``session.info``), where the ``resolve_*`` calls that follow find them."""
     wanted = sorted({i for i in file_ids if is_id(i)})
     cache = _file_cache()
-    found = {file_id: info for file_id in wanted if (info := cache.get((tenant, file_id))) is not None}
+    found = cache.get_many([(tenant, file_id) for file_id in wanted])
+    found = {file_id: info for (_, file_id), info in found.items()}
     missing = [file_id for file_id in wanted if file_id not in found]
     if missing:
         generation = cache.generation()
@@ -152,6 +153,13 @@ def prefetch_files(session: Session, tenant: str, file_ids: list[str]) -> None:
             found[record.id] = info
             cache.put((tenant, record.id), info, generation=generation)
     session.info["files"] = found
+
+
+def cached_files(tenant: str, file_ids: list[str]) -> dict[str, FileInfo] | None:
+    """{file id: FileInfo} if this process has every one of the tenant's ``file_ids`` cached; else None."""
+    wanted = set(file_ids)
+    found = _file_cache().get_many([(tenant, file_id) for file_id in wanted])
+    return {file_id: info for (_, file_id), info in found.items()} if len(found) == len(wanted) else None
 
 
 def _file(session: Session, tenant: str, file_id: str) -> FileInfo | FileRecord | None:

@@ -43,8 +43,8 @@ async def _create_job_hot_path(request: Request) -> Response | None:
     """A submit from a client whose API key this process has cached, without an Idempotency-Key (a keyed
     submit takes the full route, which claims the key), whose body is a valid JobCreate; anything else
     goes to :func:`create_job`, which answers it the same way or with the documented error. Checked
-    and queued like there: :func:`services.jobs.prepare_job` in a worker thread (a 422 or 429 raised
-    here, as there), then the tenant's next batch."""
+    and queued like there: on the event loop when the check needs no I/O, else in a worker thread (a
+    422 or 429 raised here, as there), then the tenant's next batch."""
     if not is_json(request) or idempotency.HEADER in request.headers:
         return None
     tenant = cached_request_tenant(request)
@@ -55,7 +55,7 @@ async def _create_job_hot_path(request: Request) -> Response | None:
         body = JobCreate.model_validate(json.loads(raw))  # as FastAPI parses a body: json.loads, then the model
     except Exception:  # noqa: BLE001 - invalid in any way: the full route's 422 names the field
         return None
-    job = await run_in_threadpool(service.prepare_new_job, tenant, body)
+    job = service.prepare_without_io(tenant, body) or await run_in_threadpool(service.prepare_new_job, tenant, body)
     return job_response(await service.submit_job(job, None), 201)
 
 
@@ -70,7 +70,8 @@ async def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate
         if earlier is not None:
             return earlier
     try:
-        job = await run_in_threadpool(service.prepare_job, session, tenant, body)
+        job = service.prepare_without_io(tenant, body) or \
+            await run_in_threadpool(service.prepare_job, session, tenant, body)
         return job_response(await service.submit_job(job, idempotency_key), 201)
     except Exception:  # not on cancellation: a job its batch still commits keeps its key (and its replay)
         if idempotency_key is not None:
