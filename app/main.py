@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .api.deps import current_tenant
+from .api.hot import HotPaths
 from .api.routes import completions, files, jobs, models, webhooks
 from .config import get_settings
 from .db import get_engine
@@ -130,6 +131,12 @@ def create_app() -> FastAPI:
     app.router.add_event_handler("startup", readiness.start_watcher)  # "no worker seen" events for waiting jobs
     app.router.add_event_handler("shutdown", readiness.stop_watcher)
 
+    # The hot paths of the busiest routes (api.hot), inside the body-size limit; the app's exception handlers
+    # answer their errors.
+    app.add_middleware(HotPaths, handlers=app.exception_handlers, routes=[
+        ("POST", "/v1/distillation/jobs", jobs.create_job_hot_path),
+        ("GET", "/v1/distillation/jobs/{job_id}", jobs.get_job_hot_path),
+        ("POST", "/v1/models/{model_id}/predict", models.predict_hot_path)])
     app.add_middleware(LimitBodySize, max_bytes=settings.max_upload_bytes)
     return app
 

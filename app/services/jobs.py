@@ -25,7 +25,7 @@ from datetime import timedelta
 from functools import lru_cache
 from types import SimpleNamespace
 
-from sqlalchemy import ScalarSelect, bindparam, case, func, insert, select, tuple_, update
+from sqlalchemy import ScalarSelect, bindparam, case, delete, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session, aliased
 
 from distill.errors import DistillError, SpecError
@@ -401,9 +401,10 @@ async def submit_job(job: Job, idempotency_key: str | None) -> JobPublic:
 
 
 def _admit(batch: list[list[_Submit]]) -> list[tuple[int, JobPublic | None, Future] | Exception]:
-    """One tenant's concurrent submits, in arrival order, as one transaction: under the tenant's
-    quota lock, as many as the quota has room for are inserted with their first event, their queue
-    positions read and their idempotent responses recorded; one commit. The rest get 429. The
+    """One tenant's concurrent submits, in arrival order, as one transaction: inserted with their
+    first events; then, under the tenant's quota lock, counted with the tenant's other queued and
+    running jobs, those past the quota removed again (429), the queue positions read and the
+    idempotent responses recorded; one commit. The
     admitted jobs are handed to the publishing thread (:func:`_publish`) and the next batch starts:
     the tenant's submits wait in line for the transaction only, not for the broker.
 
@@ -412,25 +413,30 @@ def _admit(batch: list[list[_Submit]]) -> list[tuple[int, JobPublic | None, Futu
     submits = [rows[0] for rows in batch]
     tenant, now = submits[0].job.tenant_id, utcnow()
     results: dict[str, tuple | Exception] = {}
+    for i, submit in enumerate(submits):
+        # distinct, increasing times: the batch's order is its order in the queue
+        submit.job.created_at = submit.job.heartbeat_at = now + timedelta(microseconds=i)
+        # heartbeat_at of a queued job = when it was published (the reconciler re-sends)
     with session_scope() as session:
-        active = quotas.lock_and_count_running_jobs(session, tenant)
-        room = max(0, get_settings().tenant_max_running_jobs - active)
-        admitted = submits[:room]
-        for submit in submits[room:]:
-            results[submit.job.id] = quotas.too_many_running_jobs(active + len(admitted))
-        for i, submit in enumerate(admitted):
-            # distinct, increasing times: the batch's order is its order in the queue
-            submit.job.created_at = submit.job.heartbeat_at = now + timedelta(microseconds=i)
-            # heartbeat_at of a queued job = when it was published (the reconciler re-sends)
-        if admitted:
-            # Two multi-row INSERTs (the jobs, then their first events), not the unit of work's flush of
-            # objects: it cost a third of a batch's time. The jobs stay transient, read for their answers.
-            session.execute(insert(Job), [_row(submit.job) for submit in admitted])
-            session.execute(insert(JobEvent), [{"job_id": submit.job.id, "type": "stage", "message": "job queued",
-                                                "data": {"stage": "queued"}} for submit in admitted])
-        # the batch is the queue's tail, in order: one count for its first job
-        first = session.scalar(select(_position_of(admitted[0].job))) if admitted else 0
-        keyed = {submit.job.id: job_public(submit.job, first + i) for i, submit in enumerate(admitted)
+        # Written first, counted after: the quota lock is held from the count to the commit only (another
+        # API process's batch of this tenant waits on it). Two multi-row INSERTs (the jobs, then their
+        # first events), not the unit of work's flush of objects: it cost a third of a batch's time.
+        session.execute(insert(Job), [_row(submit.job) for submit in submits])
+        session.execute(insert(JobEvent), [{"job_id": submit.job.id, "type": "stage", "message": "job queued",
+                                            "data": {"stage": "queued"}} for submit in submits])
+        # the batch is the queue's tail, in order: one count for its first job, with the quota's
+        first = submits[0].job
+        active, place = quotas.lock_and_count_running_jobs(session, tenant, extra=len(submits),
+                                                           position_of=(first.created_at, first.id))
+        others = active - len(submits)  # the count sees this transaction's own jobs
+        room = max(0, get_settings().tenant_max_running_jobs - others)
+        admitted, refused = submits[:room], submits[room:]
+        if refused:  # past the quota: these are not queued after all (their events go with them)
+            session.execute(delete(JobEvent).where(JobEvent.job_id.in_([s.job.id for s in refused])))
+            session.execute(delete(Job).where(Job.id.in_([s.job.id for s in refused])))
+        for submit in refused:
+            results[submit.job.id] = quotas.too_many_running_jobs(others + len(admitted))
+        keyed = {submit.job.id: job_public(submit.job, place + i) for i, submit in enumerate(admitted)
                  if submit.idempotency_key is not None}
         idempotency.record(session, tenant, [(submit.idempotency_key, 201, keyed[submit.job.id].model_dump(mode="json"))
                                              for submit in admitted if submit.idempotency_key is not None])
@@ -438,7 +444,7 @@ def _admit(batch: list[list[_Submit]]) -> list[tuple[int, JobPublic | None, Futu
         # committed: the worker must see the row before it sees the message
         published = _publisher().submit(_publish, [submit.job.id for submit in admitted])
         for i, submit in enumerate(admitted):
-            results[submit.job.id] = (first + i, keyed.get(submit.job.id), published)
+            results[submit.job.id] = (place + i, keyed.get(submit.job.id), published)
     return [results[submit.job.id] for submit in submits]
 
 

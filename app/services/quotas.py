@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.orm import Session
 
 from ..config import get_settings
@@ -44,19 +44,31 @@ def _active_jobs(session: Session, tenant: str, cap: int | None = None) -> int:
     return session.scalar(select(func.count()).select_from(active.subquery()))
 
 
-def lock_and_count_running_jobs(session: Session, tenant: str) -> int:
+def lock_and_count_running_jobs(session: Session, tenant: str, extra: int = 0,
+                                position_of: tuple | None = None) -> tuple[int, int | None]:
     """Take the tenant's job-quota lock (held until the transaction ends) and count its queued +
-    running jobs, up to the limit. On PostgreSQL one round trip: the lock and the count go as one
-    simple query of two statements; the count, a statement of its own, reads a snapshot taken after
-    the lock was granted, so it sees every job committed by whoever held the lock before."""
-    limit = get_settings().tenant_max_running_jobs
+    running jobs, up to the limit + ``extra`` (the transaction's own new jobs, which it sees); with
+    ``position_of`` = (created_at, id), also the place in the queue of that job (how many queued jobs,
+    of any tenant, were created before it or with it). On PostgreSQL one round trip: the lock and the
+    counts go as one simple query of two statements; the counts, a statement of their own, read a
+    snapshot taken after the lock was granted, so they see every job committed by whoever held the
+    lock before."""
+    cap = get_settings().tenant_max_running_jobs + extra
     if session.get_bind().dialect.name != "postgresql":
-        return _active_jobs(session, tenant, cap=limit)
+        position = None
+        if position_of is not None:
+            position = session.scalar(select(func.count()).select_from(Job).where(
+                Job.status == "queued", tuple_(Job.created_at, Job.id) <= tuple_(*position_of)))
+        return _active_jobs(session, tenant, cap=cap), position
     statuses = ", ".join(f"'{status}'" for status in ACTIVE)  # constants, not input
-    return session.connection().exec_driver_sql(
-        "SELECT pg_advisory_xact_lock(%(lock)s); SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = "
-        f"%(tenant)s AND status IN ({statuses}) LIMIT %(cap)s) AS active",
-        {"lock": _lock_key(tenant, "jobs"), "tenant": tenant, "cap": limit}).scalar()
+    place = "NULL" if position_of is None else \
+        "(SELECT count(*) FROM jobs WHERE status = 'queued' AND (created_at, id) <= (%(created_at)s, %(id)s))"
+    row = session.connection().exec_driver_sql(
+        "SELECT pg_advisory_xact_lock(%(lock)s); SELECT (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant_id = "
+        f"%(tenant)s AND status IN ({statuses}) LIMIT %(cap)s) AS active), {place}",
+        {"lock": _lock_key(tenant, "jobs"), "tenant": tenant, "cap": cap,
+         "created_at": position_of[0] if position_of else None, "id": position_of[1] if position_of else None}).one()
+    return row[0], row[1]
 
 
 def too_many_running_jobs(active: int) -> TooManyRequests:
@@ -70,7 +82,7 @@ def too_many_running_jobs(active: int) -> TooManyRequests:
 def check_running_jobs(session: Session, tenant: str) -> None:
     """429 if the tenant already has its limit of queued + running jobs (the lock is held until the
     request's transaction commits the new job)."""
-    active = lock_and_count_running_jobs(session, tenant)
+    active, _ = lock_and_count_running_jobs(session, tenant)
     if active >= get_settings().tenant_max_running_jobs:
         raise too_many_running_jobs(_active_jobs(session, tenant))
 

@@ -19,7 +19,7 @@ from ...services.event_stream import stream_events
 from ...tables import JobEvent
 from ...errors import NotFound
 from ..deps import CurrentTenant, IdempotencyKeyHeader, RequestSha256, SessionDep
-from ..hot import cached_request_tenant, hot_path_route, is_json
+from ..hot import cached_request_tenant, is_json
 from ..params import Cursor, JobId
 
 router = APIRouter(prefix="/distillation/jobs", tags=["distillation jobs"])
@@ -39,7 +39,7 @@ def job_response(job: JobPublic, status_code: int = 200) -> Response:
     return Response(job.model_dump_json(), status_code=status_code, media_type="application/json")
 
 
-async def _create_job_hot_path(request: Request) -> Response | None:
+async def create_job_hot_path(request: Request) -> Response | None:
     """A submit from a client whose API key this process has cached, without an Idempotency-Key (a keyed
     submit takes the full route, which claims the key), whose body is a valid JobCreate; anything else
     goes to :func:`create_job`, which answers it the same way or with the documented error. Checked
@@ -59,6 +59,7 @@ async def _create_job_hot_path(request: Request) -> Response | None:
     return job_response(await service.submit_job(job, None), 201)
 
 
+@router.post("", status_code=201, response_model=JobPublic, responses=errors(400, 409, 429, 503))
 async def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate, request_sha256: RequestSha256,
                      idempotency_key: IdempotencyKeyHeader = None) -> Response:
     """Submit a job; it is checked against its files now and queued for a worker. 429 when the tenant
@@ -79,10 +80,6 @@ async def create_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate
         raise
 
 
-router.add_api_route("", create_job, methods=["POST"], status_code=201, response_model=JobPublic,
-                     responses=errors(400, 409, 429, 503), route_class_override=hot_path_route(_create_job_hot_path))
-
-
 @router.post("/estimate", response_model=EstimatePublic, responses=errors(400))
 def estimate_job(session: SessionDep, tenant: CurrentTenant, body: JobCreate) -> EstimatePublic:
     """What the job would cost: optimizer steps, rows and tokens, teacher and student FLOPs and an estimated
@@ -99,7 +96,7 @@ def list_jobs(session: SessionDep, tenant: CurrentTenant, status: JobStatus | No
     return JobsPublic(**page(data, has_more))
 
 
-async def _get_job_hot_path(request: Request) -> Response | None:
+async def get_job_hot_path(request: Request) -> Response | None:
     """A GET from a client whose API key this process has cached; anything else (and a job not found)
     goes to :func:`get_job`, which answers it the same way or with the documented error."""
     tenant = cached_request_tenant(request)
@@ -112,13 +109,10 @@ async def _get_job_hot_path(request: Request) -> Response | None:
     return job_response(public(job, position))
 
 
+@router.get("/{job_id}", response_model=JobPublic, responses=errors(404))
 async def get_job(tenant: CurrentTenant, job_id: JobId) -> Response:
     job, position = await run_in_threadpool(service.read_job_with_position, tenant, job_id)  # one round trip
     return job_response(public(job, position))
-
-
-router.add_api_route("/{job_id}", get_job, methods=["GET"], response_model=JobPublic, responses=errors(404),
-                     route_class_override=hot_path_route(_get_job_hot_path))
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic, responses=errors(404, 409))

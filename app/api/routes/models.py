@@ -1,8 +1,8 @@
 """/v1/models: list, get, report, download, delete, and predict.
 
 POST /{model_id}/predict is a hot route (issue 9: 32 concurrent one-row clients). Its
-FastAPI endpoint ``predict`` is the reference and handles every case; ``api.hot.hot_path_route`` puts
-:func:`_predict_hot_path` in front of it, which answers a repeat client whose key and model this
+FastAPI endpoint ``predict`` is the reference and handles every case; ``api.hot.HotPaths`` puts
+:func:`predict_hot_path` in front of it, which answers a repeat client whose key and model this
 process has cached (``api_keys.tenant_of``, ``models.served_model``) without dependency solving
 and response-model validation, and hands anything else to the endpoint unchanged.
 """
@@ -24,7 +24,7 @@ from ...services.common import page, unix
 from ...services.hot_cache import single_flight
 from ...tables import ModelRecord
 from ..deps import CurrentTenant, SessionDep
-from ..hot import cached_request_tenant, hot_path_route, is_json
+from ..hot import cached_request_tenant, is_json
 from ..params import Cursor, ModelId
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -97,7 +97,7 @@ def _predictions_response(served: service.Served, predictions: list[dict]) -> Re
                         media_type="application/json")
 
 
-async def _predict_hot_path(request: Request) -> Response | None:
+async def predict_hot_path(request: Request) -> Response | None:
     """The common case of a repeat client, answered before FastAPI solves dependencies: its key and
     its model are in this process's caches (so both were checked in the database moments ago) and its
     body is a valid PredictRequest. Anything else (None) takes the full route (``predict``), which
@@ -120,7 +120,7 @@ async def _predict_hot_path(request: Request) -> Response | None:
 
 
 router.add_api_route("/{model_id}/predict", predict, methods=["POST"], response_model=PredictResponse,
-                     responses=errors(400, 404, 503), route_class_override=hot_path_route(_predict_hot_path))
+                     responses=errors(400, 404, 503))
 
 
 @router.delete("/{model_id}", response_model=Deleted, responses=errors(404, 409))
