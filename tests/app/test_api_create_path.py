@@ -147,6 +147,11 @@ def test_the_hot_paths_answer_as_the_full_routes(quiet_stack, service_env):
         assert missing.status_code == 404 and missing.json()["param"] == "job_id", missing.text
         invalid = http.post("/distillation/jobs", json={**quiet_stack["body"], "hyperparameters": {"epochs": 0}})
         assert invalid.status_code == 422 and "epochs" in invalid.json()["param"], invalid.text
+        # a check that fails on the hot path (both files cached): the app's handler writes the problem
+        mismatch = http.post("/distillation/jobs", json={**quiet_stack["body"],
+                                                         "training_file": quiet_stack["body"]["teacher"]["file_id"]})
+        assert mismatch.status_code == 422 and mismatch.json()["param"] == "training_file", mismatch.text
+        assert mismatch.headers["content-type"].startswith("application/problem+json")
     other_tenant = create_api_key(env, f"other-{uuid.uuid4().hex[:8]}")["key"]
     with httpx.Client(base_url=base, headers=bearer(other_tenant), timeout=60) as http:
         for _ in range(2):  # the second time with its key cached: the hot path
