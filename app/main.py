@@ -86,7 +86,13 @@ class LimitBodySize:
 def _freeze_startup_objects() -> None:
     """Move everything alive at startup (torch, transformers, SQLAlchemy: millions of objects) out of the
     garbage collector's reach: otherwise every full collection walks them all and stalls the event loop
-    for 0.5-0.75 s, which set the p99 latency of /predict (benchmarks/bench_predict.py)."""
+    for 0.5-0.75 s, which set the p99 latency of /predict (benchmarks/bench_predict.py).
+
+    Then collect less often: after the freeze the long-lived generation is small, so CPython's rule
+    (a full pass once it grew by a quarter) fired a full collection every few seconds under load,
+    each one stalling every request in flight for 20-30 ms (the create + get benchmark,
+    benchmarks/bench_api.py). A young generation of 50,000 allocations instead of 700 means fewer
+    passes over the requests' live objects."""
     import gc
 
     gc.collect()
