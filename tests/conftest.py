@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import json
@@ -35,6 +36,27 @@ def _admin(statement: str) -> None:
             cursor.execute(statement)
     finally:
         connection.close()
+
+
+@contextmanager
+def app_in_process(env: dict, monkeypatch, **overrides: str):
+    """The app's settings, engine, sessions and storage, in this test process, pointed at ``env``'s
+    database and artifacts folder (with ``overrides``, e.g. DISTILL_AUTH_CACHE_S="3600"); its cached
+    settings and engine are dropped before and after."""
+    from app import config, db, storage
+
+    for name, value in {**env, **overrides}.items():
+        if name.startswith("DISTILL_"):
+            monkeypatch.setenv(name, value)
+    caches = (config.get_settings, storage.get_storage, db.get_engine, db._session_factory, db._compiled_sql)
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        yield
+    finally:
+        db.get_engine().dispose()
+        for cache in caches:
+            cache.cache_clear()
 
 
 def create_api_key(env: dict, tenant: str) -> dict:

@@ -141,8 +141,7 @@ def prefetch_files(session: Session, tenant: str, file_ids: list[str]) -> None:
     session (``session.info``), where the ``resolve_*`` calls that follow find them."""
     wanted = sorted({i for i in file_ids if is_id(i)})
     cache = _file_cache()
-    found = cache.get_many([(tenant, file_id) for file_id in wanted])
-    found = {file_id: info for (_, file_id), info in found.items()}
+    found = _cached(cache, tenant, wanted)
     missing = [file_id for file_id in wanted if file_id not in found]
     if missing:
         generation = cache.generation()
@@ -158,8 +157,12 @@ def prefetch_files(session: Session, tenant: str, file_ids: list[str]) -> None:
 def cached_files(tenant: str, file_ids: list[str]) -> dict[str, FileInfo] | None:
     """{file id: FileInfo} if this process has every one of the tenant's ``file_ids`` cached; else None."""
     wanted = set(file_ids)
-    found = _file_cache().get_many([(tenant, file_id) for file_id in wanted])
-    return {file_id: info for (_, file_id), info in found.items()} if len(found) == len(wanted) else None
+    found = _cached(_file_cache(), tenant, wanted)
+    return found if len(found) == len(wanted) else None
+
+
+def _cached(cache: TtlCache, tenant: str, file_ids) -> dict[str, FileInfo]:
+    return {file_id: info for (_, file_id), info in cache.get_many([(tenant, i) for i in file_ids]).items()}
 
 
 def _file(session: Session, tenant: str, file_id: str) -> FileInfo | FileRecord | None:

@@ -17,10 +17,10 @@ import pytest
 from sqlalchemy import bindparam, select, text
 from sqlalchemy.exc import DBAPIError
 
-from app import config, db
+from app import db
 from app.tables import ApiKey
 
-from ..conftest import _admin
+from ..conftest import _admin, app_in_process
 
 
 def _backend(engine) -> int:
@@ -51,16 +51,8 @@ def test_an_idle_connection_the_server_closed_is_replaced_on_checkout(service_en
 
 @pytest.fixture
 def in_process(service_env, monkeypatch):
-    for name, value in service_env.items():
-        if name.startswith("DISTILL_"):
-            monkeypatch.setenv(name, value)
-    caches = (config.get_settings, db.get_engine, db._session_factory, db._compiled_sql)
-    for cache in caches:
-        cache.cache_clear()
-    yield db.get_engine()
-    db.get_engine().dispose()
-    for cache in caches:
-        cache.cache_clear()
+    with app_in_process(service_env, monkeypatch):
+        yield db.get_engine()
 
 
 KEY = select(ApiKey.__table__).where(ApiKey.__table__.c.tenant_id == bindparam("tenant"),

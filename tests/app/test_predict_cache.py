@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ROOT, bearer, create_api_key
+from tests.conftest import ROOT, app_in_process, bearer, create_api_key
 
 from .helpers import upload, wait_for, job_body, submit
 from .stack import Stack
@@ -79,19 +79,8 @@ def test_single_flight_shares_one_call_and_its_error():
 def in_process(service_env, monkeypatch):
     """The app's settings and engine pointed at the test service's database and artifacts folder, with
     an hour-long key cache: whatever refuses a revoked key below, it is not the cache expiring."""
-    from app import config, db, storage
-
-    for name, value in service_env.items():
-        if name.startswith("DISTILL_"):
-            monkeypatch.setenv(name, value)
-    monkeypatch.setenv("DISTILL_AUTH_CACHE_S", "3600")
-    caches = (config.get_settings, storage.get_storage, db.get_engine, db._session_factory)
-    for cache in caches:
-        cache.cache_clear()
-    yield service_env
-    db.get_engine().dispose()
-    for cache in caches:
-        cache.cache_clear()
+    with app_in_process(service_env, monkeypatch, DISTILL_AUTH_CACHE_S="3600"):
+        yield service_env
 
 
 def new_key(tenant: str = "cache-test") -> tuple[str, str]:

@@ -9,22 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import app_in_process
+
 
 @pytest.fixture
 def in_process(service_env, monkeypatch):
     """The app's settings, engine and storage pointed at the test service's database and folder."""
-    from app import config, db, storage
-
-    for name, value in service_env.items():
-        if name.startswith("DISTILL_"):
-            monkeypatch.setenv(name, value)
-    caches = (config.get_settings, storage.get_storage, db.get_engine, db._session_factory)
-    for cache in caches:
-        cache.cache_clear()
-    yield Path(service_env["DISTILL_ARTIFACTS_DIR"])
-    db.get_engine().dispose()
-    for cache in caches:
-        cache.cache_clear()
+    with app_in_process(service_env, monkeypatch):
+        yield Path(service_env["DISTILL_ARTIFACTS_DIR"])
 
 
 def _folders(artifacts: Path) -> set[str]:
